@@ -1,0 +1,265 @@
+"""The HTTP api: validate cheaply, enqueue, await the reply, render it (docs/design.md §5).
+
+It never imports torch or onnxruntime: everything heavy happens in a worker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI, Query, Request, Response
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from prometheus_client import CONTENT_TYPE_LATEST, Counter, Histogram, generate_latest
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from .errors import CvserveError, DeadlineExceeded, InputError, ModelNotFound, Overloaded, from_code
+from .media import probe_image
+from .queue import Job, JobQueue, WorkerInfo, now_ms
+from .schemas import DetectResponse, ErrorResponse, ModelInfo, ModelList
+from .settings import Settings
+from .uploads import read_upload
+
+log = logging.getLogger("cvserve.api")
+
+HTTP_REQUESTS = Counter("cvserve_http_requests", "HTTP requests by endpoint and status",
+                        ["endpoint", "method", "status"])
+HTTP_SECONDS = Histogram("cvserve_http_request_duration_seconds", "HTTP latency by endpoint",
+                         ["endpoint", "method"],
+                         buckets=(.005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30, 60))
+
+IMAGE_BODY = {"requestBody": {"required": True, "content": {
+    "multipart/form-data": {"schema": {"type": "object", "required": ["file"], "properties": {
+        "file": {"type": "string", "format": "binary"}}}},
+    "image/*": {"schema": {"type": "string", "format": "binary"}},
+}}}
+ERRORS = {code: {"model": ErrorResponse} for code in (400, 404, 413, 415, 503, 504)}
+
+
+def error_response(err: CvserveError, request_id: str | None = None) -> JSONResponse:
+    headers = {"Retry-After": str(err.retry_after_s)} if err.retry_after_s else {}
+    if request_id:
+        headers["X-Request-ID"] = request_id
+    return JSONResponse({"error": err.to_dict()}, status_code=err.status, headers=headers)
+
+
+class ModelDirectory:
+    """What the live workers serve, from their heartbeats (cached for a second)."""
+
+    def __init__(self, queue: JobQueue) -> None:
+        self.queue = queue
+        self._cache: tuple[float, list[WorkerInfo]] = (0.0, [])
+
+    async def workers(self) -> list[WorkerInfo]:
+        stamp, infos = self._cache
+        if time.monotonic() - stamp > 1.0:
+            infos = await self.queue.workers()
+            self._cache = (time.monotonic(), infos)
+        return infos
+
+    async def models(self) -> dict[str, ModelInfo]:
+        out: dict[str, ModelInfo] = {}
+        for info in await self.workers():
+            for name, meta in info.models.items():
+                if name not in out:
+                    out[name] = ModelInfo(**meta)
+                out[name].workers.append(info.worker_id)
+        return dict(sorted(out.items()))
+
+    async def resolve(self, name: str | None, task: str, default: str | None) -> str:
+        """The model to run: the one asked for (of the right task) or the task's default."""
+        models = await self.models()
+        if name is None:
+            name = default
+        if name is None:
+            candidates = [m for m in models.values() if m.task == task]
+            if not candidates:
+                raise Overloaded(f"no live worker serves a {task} model; start a worker "
+                                 "(`cvserve worker`) or check its log", retry_after_s=5)
+            return candidates[0].name
+        if name not in models:
+            raise ModelNotFound(f"model '{name}' is not served by any live worker (served: "
+                                f"{', '.join(models) or 'none'}); GET /models lists them")
+        if models[name].task != task:
+            raise InputError(f"model '{name}' is a {models[name].task} model; this endpoint "
+                             f"needs a {task} model")
+        return name
+
+
+def create_app(settings: Settings, queue: JobQueue,
+               on_startup: Callable[[], Awaitable[Any]] | None = None,
+               on_shutdown: Callable[[], Awaitable[Any]] | None = None) -> FastAPI:
+    """The api over a queue. Embedded mode passes the in-process worker's start/stop."""
+    directory = ModelDirectory(queue)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await queue.start()
+        if on_startup is not None:
+            await on_startup()
+        try:
+            yield
+        finally:
+            if on_shutdown is not None:
+                await on_shutdown()
+            await queue.close()
+
+    app = FastAPI(title="cvserve", version="0.1.0", lifespan=lifespan,
+                  description="Computer-vision inference: POST an image, get detections.")
+    app.state.settings = settings
+    app.state.queue = queue
+
+    # --- errors: one place maps every failure to the JSON error shape ------------------
+    @app.exception_handler(CvserveError)
+    async def _cvserve_error(request: Request, exc: CvserveError) -> JSONResponse:
+        return error_response(exc, getattr(request.state, "request_id", None))
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}"
+                             for e in exc.errors())
+        return error_response(InputError(f"bad parameter: {problems}"))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        return JSONResponse({"error": {"code": code, "message": str(exc.detail)}},
+                            status_code=exc.status_code)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error")
+        return JSONResponse({"error": {"code": "internal", "message": repr(exc)}},
+                            status_code=500)
+
+    @app.middleware("http")
+    async def _observe(request: Request, call_next: Callable) -> Response:
+        request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
+        request.state.request_id = request_id
+        t0 = time.perf_counter()
+        response = await call_next(request)
+        route = request.scope.get("route")
+        endpoint = getattr(route, "path", "unmatched")
+        HTTP_REQUESTS.labels(endpoint, request.method, str(response.status_code)).inc()
+        HTTP_SECONDS.labels(endpoint, request.method).observe(time.perf_counter() - t0)
+        response.headers["X-Request-ID"] = request_id
+        return response
+
+    # --- task endpoints ----------------------------------------------------------------
+    async def run_job(request: Request, task: str, model: str | None, params: dict[str, Any],
+                      data: bytes, timeout_s: float | None) -> tuple[str, dict, bytes | None]:
+        name = await directory.resolve(model, task, settings.default_detection_model)
+        timeout = timeout_s if timeout_s is not None else settings.request_timeout_s
+        if not 0 < timeout <= settings.max_request_timeout_s:
+            raise InputError(f"timeout_s must be in (0, {settings.max_request_timeout_s}] "
+                             "(CVSERVE_MAX_REQUEST_TIMEOUT_S)")
+        t0 = time.perf_counter()
+        job = Job(model=name, task=task, payload=data, params=params,
+                  deadline_ms=now_ms() + int(timeout * 1000), id=request.state.request_id)
+        future = await queue.submit(job)
+        try:
+            reply = await asyncio.wait_for(future, timeout)
+        except TimeoutError:
+            raise DeadlineExceeded(f"no answer within {timeout:g} s (timeout_s / "
+                                   "CVSERVE_REQUEST_TIMEOUT_S)") from None
+        finally:
+            queue.forget(job.id)
+        if not reply.ok:
+            raise from_code(reply.error_code or "internal", reply.error_message or "")
+        result = dict(reply.result or {})
+        result.setdefault("timing", {})["total"] = round((time.perf_counter() - t0) * 1000, 2)
+        return name, result, reply.body
+
+    def wants_png(request: Request, fmt: str | None) -> bool:
+        if fmt is not None:
+            if fmt not in ("json", "png"):
+                raise InputError(f"format must be json or png, got '{fmt}'")
+            return fmt == "png"
+        return "image/png" in request.headers.get("accept", "")
+
+    @app.post("/detect", response_model=DetectResponse, openapi_extra=IMAGE_BODY,
+              responses={**ERRORS, 200: {"content": {"image/png": {}}}})
+    async def detect(
+        request: Request,
+        model: str | None = Query(None, description="A detection model; default per task"),
+        score_threshold: float | None = Query(None, ge=0, le=1),
+        max_detections: int | None = Query(None, ge=1, le=1000),
+        format: str | None = Query(None, description="json (default) or png"),
+        timeout_s: float | None = Query(None, gt=0),
+    ) -> Response:
+        data, fields = await read_upload(request, settings.upload_bytes)
+        query = {"model": model, "score_threshold": score_threshold,
+                 "max_detections": max_detections, "format": format, "timeout_s": timeout_s}
+        args = _merge_form(query, fields)
+        probe_image(data, settings.image_pixels)  # 413 / 415 before anything is queued
+        png = wants_png(request, args["format"])
+        params = {k: args[k] for k in ("score_threshold", "max_detections")
+                  if args[k] is not None}
+        if png:
+            params["render"] = "png"
+        name, result, body = await run_job(request, "detection", args["model"], params, data,
+                                           args["timeout_s"])
+        if png:
+            return Response(body, media_type="image/png")
+        return JSONResponse({"model": name, **result})
+
+    # --- models and health -------------------------------------------------------------
+    @app.get("/models", response_model=ModelList)
+    async def list_models() -> ModelList:
+        return ModelList(models=list((await directory.models()).values()))
+
+    @app.get("/models/{name}", response_model=ModelInfo, responses={404: ERRORS[404]})
+    async def get_model(name: str) -> ModelInfo:
+        models = await directory.models()
+        if name not in models:
+            raise ModelNotFound(f"model '{name}' is not served by any live worker (served: "
+                                f"{', '.join(models) or 'none'})")
+        return models[name]
+
+    @app.get("/healthz")
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/readyz", responses={503: ERRORS[503]})
+    async def readyz() -> JSONResponse:
+        if not await queue.ping():
+            raise Overloaded("the queue (Redis) is unreachable", retry_after_s=1)
+        models = await directory.models()
+        if not any(m.task == "detection" for m in models.values()):
+            raise Overloaded("no live worker serves a detection model yet", retry_after_s=1)
+        return JSONResponse({"status": "ready", "models": list(models)})
+
+    @app.get("/metrics", include_in_schema=False)
+    async def metrics() -> Response:
+        return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+
+    return app
+
+
+_FIELD_TYPES: dict[str, Callable[[str], Any]] = {
+    "score_threshold": float, "max_detections": int, "timeout_s": float}
+
+
+def _merge_form(query: dict[str, Any], fields: dict[str, str]) -> dict[str, Any]:
+    """Form fields act as query parameters (a query parameter wins); converted and checked."""
+    args = dict(query)
+    for key, raw in fields.items():
+        if key not in args or args[key] is not None:
+            continue
+        convert = _FIELD_TYPES.get(key, str)
+        try:
+            args[key] = convert(raw)
+        except ValueError:
+            raise InputError(f"form field {key}={raw!r} is not a valid "
+                             f"{convert.__name__}") from None
+    if args.get("score_threshold") is not None and not 0 <= args["score_threshold"] <= 1:
+        raise InputError("score_threshold must be within [0, 1]")
+    if args.get("max_detections") is not None and not 1 <= args["max_detections"] <= 1000:
+        raise InputError("max_detections must be within [1, 1000]")
+    return args

@@ -1,0 +1,144 @@
+"""`cvserve`: the one entry point (run, api, worker, models)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from pathlib import Path
+
+from .settings import Settings
+
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s [%(process)d] %(message)s"
+
+
+def _serve(settings: Settings, app: object, workers: int = 1) -> None:
+    import uvicorn
+
+    if workers > 1:
+        uvicorn.run("cvserve.app.main:api_from_env", factory=True, host=settings.host,
+                    port=settings.port, workers=workers, log_level="info")
+    else:
+        uvicorn.run(app, host=settings.host, port=settings.port, log_level="info")
+
+
+def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
+    from .main import embedded_app
+
+    mode = "embedded (in-memory queue)" if settings.embedded else f"Redis {settings.redis_url}"
+    logging.getLogger("cvserve").info("cvserve run: api + worker in one process, %s", mode)
+    _serve(settings, embedded_app(settings))
+    return 0
+
+
+def cmd_api(args: argparse.Namespace, settings: Settings) -> int:
+    from .main import api_from_env
+
+    if settings.redis_url is None:
+        print("cvserve api: set CVSERVE_REDIS_URL (e.g. redis://127.0.0.1:6379/0); "
+              "`cvserve run` serves without Redis", file=sys.stderr)
+        return 2
+    _serve(settings, None if args.workers > 1 else api_from_env(), args.workers)
+    return 0
+
+
+def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
+    from .main import run_worker
+
+    if settings.redis_url is None:
+        print("cvserve worker: set CVSERVE_REDIS_URL (e.g. redis://127.0.0.1:6379/0)",
+              file=sys.stderr)
+        return 2
+    asyncio.run(run_worker(settings))
+    return 0
+
+
+def cmd_export(args: argparse.Namespace, settings: Settings) -> int:
+    from cvserve.models.export import ExportError, export_detector
+
+    sizes = tuple(int(b) for b in args.batch_sizes.split(","))
+    try:
+        path = export_detector(args.name, settings.model_repository, weights=args.weights,
+                               fmt=args.format, name=args.as_name, batch_sizes=sizes,
+                               num_classes=args.num_classes, check=not args.no_check)
+    except ExportError as exc:
+        print(f"cvserve models export: {exc}", file=sys.stderr)
+        return 1
+    print(f"wrote {path}")
+    return 0
+
+
+def cmd_list(args: argparse.Namespace, settings: Settings) -> int:
+    from cvserve.worker.repository import ModelRepository
+
+    repo = ModelRepository(settings.model_repository)
+    print(f"model repository: {repo.root}")
+    for name in repo.names():
+        try:
+            cfg = repo.get(name)
+        except ValueError as exc:
+            print(f"  {name:40s} BROKEN: {exc}")
+            continue
+        state = "ready" if cfg.artifacts_present() else "not built"
+        print(f"  {name:40s} {cfg.task:12s} {cfg.backend:12s} {state:10s} {cfg.weights}")
+    return 0
+
+
+def cmd_train_demo(args: argparse.Namespace, settings: Settings) -> int:
+    from cvserve.models.export import export_detector
+    from cvserve.models.train import train_detector
+
+    ckpt = train_detector("tiny_fasterrcnn", Path(args.checkpoint), steps=args.steps)
+    path = export_detector("tiny_fasterrcnn", settings.model_repository, weights=str(ckpt),
+                           fmt=args.format, name=args.as_name)
+    print(f"wrote {path}")
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="cvserve", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+    sub.add_parser("run", help="api + worker in one process (no Redis needed)")
+    api = sub.add_parser("api", help="the HTTP api alone (needs CVSERVE_REDIS_URL)")
+    api.add_argument("--workers", type=int, default=1, help="uvicorn processes")
+    sub.add_parser("worker", help="a worker alone (needs CVSERVE_REDIS_URL)")
+
+    models = sub.add_parser("models", help="the model repository").add_subparsers(
+        dest="models_command", required=True)
+    models.add_parser("list", help="models in the repository")
+    exp = models.add_parser("export", help="export a torchvision detector")
+    exp.add_argument("name", help="architecture, e.g. fasterrcnn_mobilenet_v3_large_320_fpn")
+    exp.add_argument("--weights", default="default",
+                     help="default (pretrained, downloaded) | random | PATH to a checkpoint")
+    exp.add_argument("--format", default="torchscript", choices=("onnx", "torchscript"))
+    exp.add_argument("--as", dest="as_name", default=None, help="model name (default: NAME)")
+    exp.add_argument("--batch-sizes", default="1,2,4", help="ONNX: one graph per batch size")
+    exp.add_argument("--num-classes", type=int, default=None)
+    exp.add_argument("--no-check", action="store_true",
+                     help="skip the comparison against the eager model")
+    demo = models.add_parser("train-demo", help="train the demo detector on synthetic shapes")
+    demo.add_argument("--steps", type=int, default=900)
+    demo.add_argument("--checkpoint", default="demo-detector.ckpt")
+    demo.add_argument("--format", default="onnx", choices=("onnx", "torchscript"))
+    demo.add_argument("--as", dest="as_name", default="demo-detector")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
+    try:
+        settings = Settings()
+    except ValueError as exc:
+        print(f"cvserve: invalid settings: {exc}", file=sys.stderr)
+        return 2
+    handlers = {"run": cmd_run, "api": cmd_api, "worker": cmd_worker}
+    if args.command == "models":
+        handlers = {"export": cmd_export, "list": cmd_list, "train-demo": cmd_train_demo}
+        return handlers[args.models_command](args, settings)
+    return handlers[args.command](args, settings)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

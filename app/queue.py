@@ -1,0 +1,215 @@
+"""The queue between api and worker: job and reply types, the interface, the in-memory queue.
+
+Both sides speak only this interface, so embedded mode (api + worker in one process,
+`MemoryQueue`) and the distributed mode (`RedisQueue` in redis_queue.py) behave alike.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from abc import ABC, abstractmethod
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import Overloaded
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+@dataclass
+class Job:
+    """One request's work: what to run, on what, by when, and where the answer goes."""
+
+    model: str
+    task: str
+    payload: bytes
+    deadline_ms: int
+    params: dict[str, Any] = field(default_factory=dict)
+    id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    reply_to: str = ""
+    enqueued_ms: int = field(default_factory=now_ms)
+    deliveries: int = 1
+    entry_id: str | None = None  # the transport's handle (a Redis stream entry id)
+
+    @property
+    def expired(self) -> bool:
+        return now_ms() > self.deadline_ms
+
+    def header(self) -> dict[str, Any]:
+        """Everything but the payload, as JSON-able fields."""
+        return {"id": self.id, "model": self.model, "task": self.task, "params": self.params,
+                "deadline_ms": self.deadline_ms, "reply_to": self.reply_to,
+                "enqueued_ms": self.enqueued_ms}
+
+
+@dataclass
+class Reply:
+    """A job's outcome: a JSON result (and optional binary body, e.g. a PNG) or an error."""
+
+    job_id: str
+    result: dict[str, Any] | None = None
+    body: bytes | None = None
+    error_code: str | None = None
+    error_message: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error_code is None
+
+    def encode(self) -> dict[str, bytes]:
+        meta = {"job_id": self.job_id, "result": self.result, "error_code": self.error_code,
+                "error_message": self.error_message}
+        fields = {"meta": json.dumps(meta).encode()}
+        if self.body is not None:
+            fields["body"] = self.body
+        return fields
+
+    @classmethod
+    def decode(cls, fields: dict[bytes, bytes]) -> Reply:
+        meta = json.loads(fields[b"meta"])
+        return cls(body=fields.get(b"body"), **meta)
+
+
+@dataclass
+class WorkerInfo:
+    """What a live worker announces: who it is and the models it serves (with metadata)."""
+
+    worker_id: str
+    models: dict[str, dict[str, Any]]
+    started_ms: int = field(default_factory=now_ms)
+
+
+class JobQueue(ABC):
+    """The queue contract (docs/design.md §2). The api submits and awaits; workers fetch and
+    reply. A reply is written before its job is acknowledged (at-least-once)."""
+
+    def __init__(self, max_queue: int, retry_after_s: int) -> None:
+        self.max_queue = max_queue
+        self.retry_after_s = retry_after_s
+        self._waiting: dict[str, asyncio.Future[Reply]] = {}
+
+    # --- api side ----------------------------------------------------------------------
+    async def start(self) -> None:  # noqa: B027 - optional hook, a no-op in memory
+        """Open connections and start the reply reader (api side)."""
+
+    async def close(self) -> None:
+        for fut in self._waiting.values():
+            fut.cancel()
+        self._waiting.clear()
+
+    async def submit(self, job: Job) -> asyncio.Future[Reply]:
+        """Enqueue a job; the future resolves with its reply. Raises Overloaded when full."""
+        depth = await self.depth(job.model)
+        if depth >= self.max_queue:
+            raise Overloaded(
+                f"model '{job.model}' has {depth} queued jobs (max_queue={self.max_queue}); "
+                "retry later or raise CVSERVE_MAX_QUEUE",
+                retry_after_s=self.retry_after_s,
+            )
+        fut: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
+        self._waiting[job.id] = fut
+        try:
+            await self._enqueue(job)
+        except BaseException:
+            self._waiting.pop(job.id, None)
+            raise
+        return fut
+
+    def forget(self, job_id: str) -> None:
+        """Stop waiting for a job (its client left or its deadline passed)."""
+        fut = self._waiting.pop(job_id, None)
+        if fut is not None and not fut.done():
+            fut.cancel()
+
+    def _resolve(self, reply: Reply) -> None:
+        fut = self._waiting.pop(reply.job_id, None)
+        if fut is not None and not fut.done():
+            fut.set_result(reply)
+
+    @abstractmethod
+    async def _enqueue(self, job: Job) -> None: ...
+
+    @abstractmethod
+    async def depth(self, model: str) -> int:
+        """Jobs queued or in flight for a model."""
+
+    @abstractmethod
+    async def workers(self) -> list[WorkerInfo]:
+        """Live workers and the models they serve."""
+
+    @abstractmethod
+    async def ping(self) -> bool:
+        """Whether the queue is reachable."""
+
+    # --- worker side -------------------------------------------------------------------
+    @abstractmethod
+    async def fetch(self, model: str, count: int, block_ms: int) -> list[Job]:
+        """Up to `count` jobs for a model, waiting at most `block_ms` for the first."""
+
+    @abstractmethod
+    async def reply(self, job: Job, reply: Reply) -> None:
+        """Deliver a job's reply, then acknowledge the job."""
+
+    @abstractmethod
+    async def register(self, info: WorkerInfo, ttl_s: float) -> None:
+        """Announce (or refresh) a worker; it disappears when not refreshed within ttl_s."""
+
+    @abstractmethod
+    async def unregister(self, worker_id: str) -> None: ...
+
+
+class MemoryQueue(JobQueue):
+    """In-process queue for embedded mode: api and worker share one event loop."""
+
+    def __init__(self, max_queue: int, retry_after_s: int) -> None:
+        super().__init__(max_queue, retry_after_s)
+        self._jobs: dict[str, deque[Job]] = {}
+        self._in_flight: dict[str, int] = {}
+        self._arrived: dict[str, asyncio.Event] = {}
+        self._workers: dict[str, tuple[WorkerInfo, float]] = {}
+
+    def _event(self, model: str) -> asyncio.Event:
+        return self._arrived.setdefault(model, asyncio.Event())
+
+    async def _enqueue(self, job: Job) -> None:
+        self._jobs.setdefault(job.model, deque()).append(job)
+        self._event(job.model).set()
+
+    async def depth(self, model: str) -> int:
+        return len(self._jobs.get(model, ())) + self._in_flight.get(model, 0)
+
+    async def fetch(self, model: str, count: int, block_ms: int) -> list[Job]:
+        jobs = self._jobs.setdefault(model, deque())
+        if not jobs and block_ms > 0:
+            event = self._event(model)
+            event.clear()
+            try:
+                await asyncio.wait_for(event.wait(), block_ms / 1000)
+            except TimeoutError:
+                return []
+        taken = [jobs.popleft() for _ in range(min(count, len(jobs)))]
+        self._in_flight[model] = self._in_flight.get(model, 0) + len(taken)
+        return taken
+
+    async def reply(self, job: Job, reply: Reply) -> None:
+        self._in_flight[job.model] = max(0, self._in_flight.get(job.model, 0) - 1)
+        self._resolve(reply)
+
+    async def register(self, info: WorkerInfo, ttl_s: float) -> None:
+        self._workers[info.worker_id] = (info, time.monotonic() + ttl_s)
+
+    async def unregister(self, worker_id: str) -> None:
+        self._workers.pop(worker_id, None)
+
+    async def workers(self) -> list[WorkerInfo]:
+        now = time.monotonic()
+        return [info for info, expires in self._workers.values() if expires > now]
+
+    async def ping(self) -> bool:
+        return True

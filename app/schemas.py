@@ -1,0 +1,74 @@
+"""Response shapes, as served in the OpenAPI schema (docs/design.md §5)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+
+class Box(BaseModel):
+    """Corners in original-image pixels."""
+
+    x1: float
+    y1: float
+    x2: float
+    y2: float
+
+
+class Detection(BaseModel):
+    label: str
+    class_id: int
+    score: float
+    box: Box
+
+
+class ImageSize(BaseModel):
+    width: int
+    height: int
+
+
+class Timing(BaseModel):
+    """Milliseconds spent in each stage of one request."""
+
+    queue: float = 0.0
+    preprocess: float = 0.0
+    inference: float = 0.0
+    postprocess: float = 0.0
+    total: float = 0.0
+
+
+class DetectResponse(BaseModel):
+    model: str
+    image: ImageSize
+    detections: list[Detection]
+    timing: Timing
+
+
+class ErrorDetail(BaseModel):
+    code: str
+    message: str
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail
+
+
+class ModelInfo(BaseModel):
+    name: str
+    task: str
+    backend: str
+    platform: str | None = None
+    device: str | None = None
+    architecture: str | None = None
+    weights: str
+    labels: list[str] = Field(default_factory=list)
+    input: dict[str, Any]
+    batching: dict[str, Any]
+    thresholds: dict[str, Any] = Field(default_factory=dict)
+    batch_sizes: list[int] | None = None
+    workers: list[str] = Field(default_factory=list, description="Live workers serving it")
+
+
+class ModelList(BaseModel):
+    models: list[ModelInfo]

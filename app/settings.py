@@ -1,0 +1,93 @@
+"""Process settings: one object per process, read from CVSERVE_* variables, passed down."""
+
+from __future__ import annotations
+
+import os
+import socket
+import uuid
+from pathlib import Path
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+def default_model_repository() -> Path:
+    """The `models/` folder of this installation (the repository's own in a clone)."""
+    return Path(__file__).resolve().parent.parent / "models"
+
+
+class Settings(BaseSettings):
+    """Everything an api or worker process needs; validated once at start."""
+
+    model_config = SettingsConfigDict(env_prefix="CVSERVE_", extra="ignore")
+
+    # --- transport ---------------------------------------------------------------------
+    host: str = "127.0.0.1"
+    port: int = 8000
+    redis_url: str | None = Field(
+        default=None, description="Use Redis as the queue; unset = embedded in-memory queue"
+    )
+    key_prefix: str = "cvserve"
+    api_id: str = Field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}-"
+                        f"{uuid.uuid4().hex[:6]}")
+
+    # --- models ------------------------------------------------------------------------
+    model_repository: Path = Field(default_factory=default_model_repository)
+    models: list[str] = Field(
+        default_factory=list, description="Models a worker serves; empty = every model found"
+    )
+    default_detection_model: str | None = None
+    auto_build_default: bool = Field(
+        default=True, description="Build a random-weight detector when no detector exists"
+    )
+    device: str = Field(default="auto", description="auto | cpu | cuda | cuda:N")
+
+    # --- limits ------------------------------------------------------------------------
+    upload_bytes: int = 20 * 1024 * 1024
+    image_pixels: int = 40_000_000
+    request_timeout_s: float = 30.0
+    max_request_timeout_s: float = 300.0
+
+    # --- queue -------------------------------------------------------------------------
+    max_queue: int = Field(default=256, description="Jobs queued per model before 503")
+    retry_after_s: int = 1
+    visibility_timeout_ms: int = Field(
+        default=30_000, description="A pending job idle this long is reclaimed by another worker"
+    )
+    max_deliveries: int = 3
+    inline_payload_bytes: int = 512 * 1024
+    payload_ttl_s: int = 600
+    heartbeat_s: float = 2.0
+    reply_stream_ttl_s: int = 600
+
+    # --- worker ------------------------------------------------------------------------
+    decode_threads: int = Field(default=2, ge=1)
+    intra_op_threads: int = Field(default=0, ge=0, description="0 = the number of cores")
+    onnx_spinning: bool = False
+    worker_metrics_port: int | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> Settings:
+        if self.request_timeout_s > self.max_request_timeout_s:
+            raise ValueError(
+                f"request_timeout_s ({self.request_timeout_s}) must not exceed "
+                f"max_request_timeout_s ({self.max_request_timeout_s})"
+            )
+        if self.visibility_timeout_ms < 1000:
+            raise ValueError("visibility_timeout_ms must be at least 1000 (a batch must fit)")
+        if self.max_deliveries < 1:
+            raise ValueError("max_deliveries must be at least 1")
+        return self
+
+    @property
+    def embedded(self) -> bool:
+        return self.redis_url is None
+
+    def key(self, *parts: str) -> str:
+        """A Redis key under this deployment's prefix: key('jobs', 'm') -> 'cvserve:jobs:m'."""
+        return ":".join((self.key_prefix, *parts))
+
+    @property
+    def cores(self) -> int:
+        return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (
+            os.cpu_count() or 1)

@@ -1,0 +1,306 @@
+"""`cvserve models export`: torchvision detector -> checked artifact + model.toml.
+
+Weights: `default` (torchvision's pretrained, downloaded), `random` (offline tests), or a
+local checkpoint PATH. Formats (docs/design.md §4):
+
+- torchscript: one `model.pt`, scripted, taking a batch of any size.
+- onnx: tracing unrolls the detector's per-image loops, so a graph takes a fixed number of
+  images. We export one graph per batch size (`model.b{batch}.onnx`, 1/2/4 by default) and
+  the backend pads a batch up to the next size. Cost: the weights are stored once per size.
+
+Before anything is written, the artifact runs through the worker's own serving pipeline
+on generated images and must match the eager model (IoU >= 0.99, |score diff| <= 1e-3).
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+import torchvision
+from torch import nn
+from torchvision.ops import box_iou
+
+from .detector_core import detector_core
+from .synthetic import make_scene
+from .tiny import tiny_fasterrcnn
+
+log = logging.getLogger("cvserve.export")
+
+DETECTORS = (
+    "fasterrcnn_mobilenet_v3_large_320_fpn",
+    "fasterrcnn_mobilenet_v3_large_fpn",
+    "fasterrcnn_resnet50_fpn",
+    "fasterrcnn_resnet50_fpn_v2",
+    "retinanet_resnet50_fpn",
+    "retinanet_resnet50_fpn_v2",
+    "ssdlite320_mobilenet_v3_large",
+    "ssd300_vgg16",
+    "fcos_resnet50_fpn",
+)
+DEFAULT_DETECTOR = "fasterrcnn_mobilenet_v3_large_320_fpn"
+# Measured (../shared/PERF.md): the R-CNN family runs ~2x faster per image in batches of
+# 2-4 on 2 CPU cores, so these wait a little for a batch to fill.
+BATCHING = {"max_batch_size": 4, "max_queue_delay_ms": 5.0}
+
+
+class ExportError(Exception):
+    """An export that cannot proceed; the message says what to do instead."""
+
+
+def _builder(arch: str) -> Callable[..., nn.Module]:
+    if arch == "tiny_fasterrcnn":
+        return tiny_fasterrcnn
+    if arch not in DETECTORS:
+        raise ExportError(f"unknown architecture '{arch}'; known: "
+                          f"{', '.join((*DETECTORS, 'tiny_fasterrcnn'))}")
+    return getattr(torchvision.models.detection, arch)
+
+
+def _score_kwargs(arch: str, floor: float) -> dict[str, float]:
+    return {"box_score_thresh": floor} if arch.startswith("fasterrcnn") else {
+        "score_thresh": floor}
+
+
+def _calibrate_batchnorm(model: nn.Module, seed: int) -> None:
+    """Random weights leave BatchNorm's running statistics at mean 0 / var 1, and the
+    features vanish layer by layer (std ~1e-8 at the FPN). A few forward passes over
+    generated images in train mode set real statistics, so outputs are not degenerate."""
+    model.train()
+    scenes = [make_scene(seed + i, 320, 320) for i in range(8)]
+    batch = torch.stack([torch.from_numpy(np.asarray(s.image)).permute(2, 0, 1)
+                         for s in scenes]).float() / 255
+    with torch.no_grad():
+        images, _ = model.transform(list(batch))
+        for _ in range(3):
+            model.backbone(images.tensors)
+    model.eval()
+
+
+def build_eager(arch: str, weights: str, num_classes: int | None = None,
+                score_floor: float | None = None, seed: int = 0) -> tuple[nn.Module, list[str]]:
+    """The eager torchvision model and its label names (index = class id)."""
+    build = _builder(arch)
+    kwargs: dict = {}
+    if score_floor is not None:
+        kwargs.update(_score_kwargs(arch, score_floor))
+    if weights == "default":
+        try:
+            model = build(weights="DEFAULT", **kwargs)
+        except Exception as exc:  # urllib / http / hash errors all mean: no weights here
+            raise ExportError(
+                f"could not download the pretrained weights for {arch} ({exc}). Offline, "
+                "use `--weights random` (for tests) or `--weights PATH` (a local "
+                "checkpoint)") from exc
+        labels = list(torchvision.models.get_model_weights(arch).DEFAULT.meta["categories"])
+        return model.eval(), labels
+    if weights == "random":
+        torch.manual_seed(seed)
+        model = build(weights=None, weights_backbone=None, num_classes=num_classes or 91,
+                      **kwargs)
+        _calibrate_batchnorm(model, seed)
+        return model.eval(), _coco_labels(num_classes)
+    path = Path(weights)
+    if not path.is_file():
+        raise ExportError(f"--weights must be default, random or a checkpoint file; "
+                          f"'{weights}' is none of them")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = state.get("model", state)
+    labels = state.pop("_labels", None) if isinstance(state, dict) else None
+    if num_classes is None:
+        num_classes = len(labels) if labels else 91
+    model = build(weights=None, weights_backbone=None, num_classes=num_classes, **kwargs)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:
+        raise ExportError(f"{path} does not fit {arch} with {num_classes} classes: {exc}") from exc
+    return model.eval(), list(labels) if labels else _coco_labels(num_classes)
+
+
+def _coco_labels(num_classes: int | None) -> list[str]:
+    coco = list(torchvision.models.detection.FasterRCNN_ResNet50_FPN_Weights.DEFAULT
+                .meta["categories"])
+    if num_classes in (None, len(coco)):
+        return coco
+    return ["__background__", *(f"class_{i}" for i in range(1, num_classes))]
+
+
+def _input_spec(model: nn.Module) -> dict:
+    t = model.transform
+    spec = {"min_size": int(t.min_size[-1]), "max_size": int(t.max_size),
+            "mean": [float(v) for v in t.image_mean], "std": [float(v) for v in t.image_std],
+            "size_divisible": int(t.size_divisible)}
+    if t.fixed_size is not None:
+        spec["fixed_size"] = [int(t.fixed_size[1]), int(t.fixed_size[0])]  # (h, w)
+    return spec
+
+
+def _toml_value(v: object) -> str:
+    if isinstance(v, bool):
+        return str(v).lower()
+    if isinstance(v, str):
+        return f'"{v}"'
+    if isinstance(v, list | tuple):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    return repr(v)
+
+
+def write_model_toml(path: Path, top: dict, sections: dict[str, dict]) -> None:
+    lines = [f"{k} = {_toml_value(v)}" for k, v in top.items()]
+    for name, table in sections.items():
+        lines += ["", f"[{name}]", *(f"{k} = {_toml_value(v)}" for k, v in table.items())]
+    path.write_text("\n".join(lines) + "\n")
+
+
+def check_images(n: int = 3) -> list[bytes]:
+    """Generated scenes of different sizes, JPEG-encoded: real decode, real resize."""
+    sizes = [(480, 360), (300, 420), (640, 427), (256, 256)]
+    return [make_scene(100 + i, *sizes[i % len(sizes)]).jpeg() for i in range(n)]
+
+
+def match_detections(ref: dict[str, torch.Tensor], got: dict[str, torch.Tensor],
+                     iou: float = 0.99, score_tol: float = 1e-3) -> tuple[int, int]:
+    """How many of `ref`'s decisive detections `got` reproduces (same label, IoU >= iou,
+    |score diff| <= score_tol). A detection is decisive unless its score is within
+    score_tol of the lowest kept score: those can trade places at the top-K cut from
+    float noise alone (common with random weights, where scores tie). -> (matched, decisive)
+    """
+    if len(ref["scores"]) == 0:
+        return 0, 0
+    cut = float(ref["scores"].min()) + score_tol if len(ref["scores"]) >= 1 else 0.0
+    full = len(ref["scores"]) >= 100  # only a full top-K list has a cut to worry about
+    decisive = [i for i in range(len(ref["scores"])) if not full or ref["scores"][i] > cut]
+    if not decisive:
+        return 0, 0
+    ious = box_iou(ref["boxes"], got["boxes"]) if len(got["boxes"]) else None
+    matched = 0
+    for i in decisive:
+        if ious is None:
+            break
+        ok = ((ious[i] >= iou) & (got["labels"] == ref["labels"][i])
+              & ((got["scores"] - ref["scores"][i]).abs() <= score_tol))
+        matched += bool(ok.any())
+    return matched, len(decisive)
+
+
+def _serve(model_dir: Path, images: list[bytes], batched: bool) -> list[dict[str, torch.Tensor]]:
+    """Run images through the worker's serving pipeline (decode ... postprocess)."""
+    from cvserve.app.queue import Job
+    from cvserve.app.settings import Settings
+    from cvserve.worker.repository import load_config
+    from cvserve.worker.server import build_task
+
+    task = build_task(load_config(model_dir), Settings(device="cpu"))
+    items = [task.prepare(Job(model="check", task="detection", payload=data, deadline_ms=0,
+                              params={"score_threshold": 0.0, "max_detections": 1000}))
+             for data in images]
+    groups = [items] if batched else [[it] for it in items]
+    outs = []
+    for group in groups:
+        for item, output in zip(group, task.run(group), strict=True):
+            result, _ = task.finish(item, output)
+            dets = result["detections"]
+            outs.append({
+                "boxes": torch.tensor([[d["box"][k] for k in ("x1", "y1", "x2", "y2")]
+                                       for d in dets]).reshape(-1, 4),
+                "scores": torch.tensor([d["score"] for d in dets]),
+                "labels": torch.tensor([d["class_id"] for d in dets], dtype=torch.int64)})
+    return outs
+
+
+def eager_detections(model: nn.Module, images: list[bytes]) -> list[dict[str, torch.Tensor]]:
+    """The eager torchvision model on each decoded image alone (the reference)."""
+    from cvserve.worker.imaging import decode_rgb
+
+    outs = []
+    with torch.no_grad():
+        for data in images:
+            img, _ = decode_rgb(data, 10**9)
+            outs.append(model([img.float() / 255])[0])
+    return outs
+
+
+def verify(model: nn.Module, model_dir: Path) -> str:
+    """Served (alone and batched) vs eager on generated images; raises on a mismatch."""
+    images = check_images()
+    ref = eager_detections(model, images)
+    report = []
+    for batched in (False, True):
+        for i, (r, g) in enumerate(zip(ref, _serve(model_dir, images, batched), strict=True)):
+            matched, decisive = match_detections(r, g)
+            if matched < decisive:
+                raise ExportError(f"exported model disagrees with the eager model on check "
+                                  f"image {i} ({'batched' if batched else 'alone'}): "
+                                  f"{matched} of {decisive} detections reproduced")
+            report.append(f"{matched}/{decisive}")
+    return " ".join(report)
+
+
+def export_detector(arch: str, repository: Path, *, weights: str = "default",
+                    fmt: str = "torchscript", name: str | None = None,
+                    batch_sizes: tuple[int, ...] = (1, 2, 4), num_classes: int | None = None,
+                    score_floor: float | None = None, seed: int = 0,
+                    check: bool = True) -> Path:
+    """Build, check and write `repository/name/` (model.toml, labels.txt, artifact)."""
+    if fmt not in ("onnx", "torchscript"):
+        raise ExportError(f"--format must be onnx or torchscript, got '{fmt}'")
+    if score_floor is None and weights == "random":
+        score_floor = 0.0  # untrained scores sit near 1/num_classes, under torchvision's 0.05
+    model, labels = build_eager(arch, weights, num_classes, score_floor, seed)
+    name = name or arch
+    max_batch = min(BATCHING["max_batch_size"], max(batch_sizes))
+    with tempfile.TemporaryDirectory(dir=repository.parent if repository.exists() else None
+                                     ) as tmp:
+        out = Path(tmp) / name
+        out.mkdir()
+        if fmt == "torchscript":
+            torch.jit.script(detector_core(model)).save(str(out / "model.pt"))
+            file, sizes = "model.pt", None
+        else:
+            _export_onnx(model, out, batch_sizes)
+            file, sizes = "model.b{batch}.onnx", list(batch_sizes)
+        (out / "labels.txt").write_text("\n".join(labels) + "\n")
+        provenance = {"default": "pretrained (torchvision DEFAULT)",
+                      "random": f"random (seed {seed}; detects nothing meaningful)"}
+        batching = {"max_batch_size": max_batch,
+                    "max_queue_delay_ms": BATCHING["max_queue_delay_ms"]}
+        if sizes:
+            batching["batch_sizes"] = sizes
+        write_model_toml(out / "model.toml", {
+            "task": "detection", "backend": fmt, "file": file,
+            "decoder": "torchvision-detection", "architecture": arch,
+            "weights": provenance.get(weights, f"checkpoint {Path(weights).name}"),
+            "labels": "labels.txt",
+        }, {"input": _input_spec(model), "batching": batching,
+            "thresholds": {"score_threshold": 0.5,
+                           "max_detections": 100}})
+        if check:
+            log.info("checked %s against the eager model: %s", name, verify(model, out))
+        repository.mkdir(parents=True, exist_ok=True)
+        target = repository / name
+        if target.exists():
+            shutil.rmtree(target)
+        shutil.move(str(out), str(target))
+    return target
+
+
+def _export_onnx(model: nn.Module, out: Path, batch_sizes: tuple[int, ...]) -> None:
+    core = detector_core(model, traced=True)
+    spec = _input_spec(model)
+    h, w = spec.get("fixed_size", [spec["min_size"], spec["min_size"]])
+    for b in batch_sizes:
+        images = torch.rand(b, 3, h, w)
+        sizes = torch.tensor([[h, w]] * b, dtype=torch.int64)
+        with torch.no_grad():
+            torch.onnx.export(
+                core, (images, sizes), str(out / f"model.b{b}.onnx"), dynamo=False,
+                opset_version=17, input_names=["images", "image_sizes"],
+                output_names=["boxes", "scores", "labels", "counts"],
+                dynamic_axes={"images": {2: "height", 3: "width"}},
+            )
+

@@ -1,0 +1,220 @@
+"""Dynamic batching for one model: a two-stage pipeline (docs/design.md §3).
+
+    intake:   fetch jobs -> decode + preprocess on the thread pool -> `ready`
+    execute:  take what is ready (up to max_batch_size; wait up to max_queue_delay_ms only
+              when the model gains from a larger batch) -> run on the model's own thread ->
+              postprocess + reply on the thread pool, off the model's critical path
+
+The next jobs are decoded while the model runs the current batch, so CPU work and model
+work overlap instead of taking turns.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from cvserve.app.errors import (
+    BackendError,
+    CvserveError,
+    DeadlineExceeded,
+    UnsupportedMedia,
+)
+from cvserve.app.queue import Job, JobQueue, Reply, now_ms
+
+from . import metrics
+from .task import Prepared, Task
+
+log = logging.getLogger("cvserve.batcher")
+
+
+class ModelRunner:
+    """Pulls one model's jobs from the queue and runs them in dynamic batches."""
+
+    def __init__(self, task: Task, queue: JobQueue, pool: ThreadPoolExecutor) -> None:
+        self.task = task
+        self.queue = queue
+        self.pool = pool
+        self.name = task.cfg.name
+        self.max_batch_size = task.cfg.batching.max_batch_size
+        self.max_queue_delay_s = task.cfg.batching.max_queue_delay_ms / 1000
+        # Jobs held at once (being decoded or ready): enough to decode one batch ahead.
+        self.capacity = 2 * self.max_batch_size
+        self.model_thread = ThreadPoolExecutor(1, thread_name_prefix=f"model-{self.name}")
+        self.ready: asyncio.Queue[Prepared] = asyncio.Queue()
+        self._preparing = 0
+        self._room = asyncio.Event()
+        self._tasks: list[asyncio.Task[Any]] = []
+        self._replies: set[asyncio.Task[Any]] = set()
+        self.batch_sizes: list[int] = []  # recent batch sizes, for tests and logs
+
+    def start(self) -> None:
+        self._tasks = [asyncio.create_task(self._intake(), name=f"intake-{self.name}"),
+                       asyncio.create_task(self._execute(), name=f"execute-{self.name}")]
+
+    async def stop(self) -> None:
+        for t in self._tasks:
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._replies:
+            await asyncio.gather(*self._replies, return_exceptions=True)
+        self.model_thread.shutdown(wait=True)
+
+    # --- intake ------------------------------------------------------------------------
+    def _held(self) -> int:
+        return self._preparing + self.ready.qsize()
+
+    async def _intake(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            room = self.capacity - self._held()
+            if room <= 0:
+                self._room.clear()
+                await self._room.wait()
+                continue
+            try:
+                jobs = await self.queue.fetch(self.name, room, block_ms=250)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # the queue is down: keep trying, never die
+                log.warning("%s: fetch failed: %s; retrying", self.name, exc)
+                await asyncio.sleep(0.5)
+                continue
+            for job in jobs:
+                if job.expired:
+                    self._reply_error(job, self._expired(job))
+                    continue
+                self._preparing += 1
+                fut = loop.run_in_executor(self.pool, self.task.timed_prepare, job)
+                fut.add_done_callback(lambda f, job=job: self._prepared(job, f))
+
+    def _prepared(self, job: Job, fut: asyncio.Future[Prepared]) -> None:
+        self._preparing -= 1
+        exc = fut.exception()
+        if exc is None:
+            item = fut.result()
+            metrics.INPUT_SECONDS.labels(self.name).observe(item.timing_ms["preprocess"] / 1000)
+            self.ready.put_nowait(item)
+            return
+        if not isinstance(exc, CvserveError):
+            log.warning("%s: job %s failed in preprocessing: %r", self.name, job.id, exc)
+            exc = UnsupportedMedia(f"could not decode or preprocess the input: {exc}")
+        self._reply_error(job, exc)
+        self._room.set()
+
+    # --- execute -----------------------------------------------------------------------
+    async def _next_batch(self) -> list[Prepared]:
+        batch = [await self.ready.get()]
+        while len(batch) < self.max_batch_size and not self.ready.empty():
+            batch.append(self.ready.get_nowait())
+        if self.max_queue_delay_s > 0 and len(batch) < self.max_batch_size:
+            # Waiting pays only for a model whose throughput grows with batch size; the
+            # delay counts from when the oldest job became ready.
+            deadline = time.monotonic() + self.max_queue_delay_s
+            while len(batch) < self.max_batch_size and (left := deadline - time.monotonic()) > 0:
+                try:
+                    batch.append(await asyncio.wait_for(self.ready.get(), left))
+                except TimeoutError:
+                    break
+        self._room.set()
+        live = []
+        for item in batch:
+            if item.job.expired:
+                self._reply_error(item.job, self._expired(item.job))
+            else:
+                live.append(item)
+        return live
+
+    async def _execute(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            batch = await self._next_batch()
+            if not batch:
+                continue
+            start_ms = now_ms()
+            t0 = time.perf_counter()
+            try:
+                outputs = await loop.run_in_executor(self.model_thread, self.task.run, batch)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                await self._isolate(batch, exc)
+                continue
+            infer_s = time.perf_counter() - t0
+            self._count_batch(len(batch), infer_s)
+            for item, output in zip(batch, outputs, strict=True):
+                item.timing_ms["queue"] = max(
+                    0.0, start_ms - item.job.enqueued_ms - item.timing_ms["preprocess"])
+                item.timing_ms["inference"] = infer_s * 1000
+                self._spawn(self._finish(item, output))
+
+    def _count_batch(self, size: int, infer_s: float) -> None:
+        metrics.EXECUTIONS.labels(self.name).inc()
+        metrics.BATCH_SIZE.labels(self.name).observe(size)
+        metrics.INFER_SECONDS.labels(self.name).observe(infer_s)
+        self.batch_sizes = [*self.batch_sizes[-999:], size]
+        log.debug("%s: ran a batch of %d in %.1f ms", self.name, size, infer_s * 1000)
+
+    async def _isolate(self, batch: list[Prepared], exc: Exception) -> None:
+        """A batch failed: run its jobs one by one so one bad job fails alone."""
+        loop = asyncio.get_running_loop()
+        if len(batch) == 1:
+            log.error("%s: job %s failed in the model: %r", self.name, batch[0].job.id, exc)
+            self._reply_error(batch[0].job, BackendError(f"the model failed on this input: "
+                                                         f"{exc}"))
+            return
+        for item in batch:
+            t0 = time.perf_counter()
+            try:
+                [output] = await loop.run_in_executor(self.model_thread, self.task.run, [item])
+            except Exception as one_exc:
+                await self._isolate([item], one_exc)
+                continue
+            self._count_batch(1, time.perf_counter() - t0)
+            item.timing_ms["queue"] = 0.0
+            item.timing_ms["inference"] = (time.perf_counter() - t0) * 1000
+            self._spawn(self._finish(item, output))
+
+    async def _finish(self, item: Prepared, output: Any) -> None:
+        loop = asyncio.get_running_loop()
+        t0 = time.perf_counter()
+        try:
+            result, body = await loop.run_in_executor(self.pool, self.task.finish, item, output)
+        except Exception as exc:
+            log.error("%s: postprocess failed for job %s: %r", self.name, item.job.id, exc)
+            err = exc if isinstance(exc, CvserveError) else BackendError(
+                f"postprocessing failed: {exc}")
+            await self._send(item.job, Reply(item.job.id, error_code=err.code,
+                                             error_message=err.message))
+            return
+        item.timing_ms["postprocess"] = (time.perf_counter() - t0) * 1000
+        metrics.OUTPUT_SECONDS.labels(self.name).observe(item.timing_ms["postprocess"] / 1000)
+        metrics.QUEUE_SECONDS.labels(self.name).observe(item.timing_ms["queue"] / 1000)
+        result["timing"] = {k: round(v, 2) for k, v in item.timing_ms.items()}
+        metrics.REQUEST_SUCCESS.labels(self.name).inc()
+        await self._send(item.job, Reply(item.job.id, result=result, body=body))
+
+    # --- replies -----------------------------------------------------------------------
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.create_task(coro)
+        self._replies.add(task)
+        task.add_done_callback(self._replies.discard)
+
+    def _expired(self, job: Job) -> DeadlineExceeded:
+        late = now_ms() - job.deadline_ms
+        return DeadlineExceeded(f"the job's deadline passed {late} ms before the model could "
+                                "run it; raise `timeout_s` or CVSERVE_REQUEST_TIMEOUT_S")
+
+    def _reply_error(self, job: Job, err: CvserveError) -> None:
+        metrics.REQUEST_FAILURE.labels(self.name, err.code).inc()
+        self._spawn(self._send(job, Reply(job.id, error_code=err.code,
+                                          error_message=err.message)))
+
+    async def _send(self, job: Job, reply: Reply) -> None:
+        try:
+            await self.queue.reply(job, reply)
+        except Exception as exc:  # unacknowledged: another worker will reclaim it
+            log.error("%s: could not reply to job %s: %r", self.name, job.id, exc)

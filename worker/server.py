@@ -1,0 +1,125 @@
+"""The worker process: loads the models, runs one ModelRunner each, announces itself."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+from cvserve.app.queue import JobQueue, WorkerInfo
+from cvserve.app.settings import Settings
+
+from .backend import load_backend
+from .batcher import ModelRunner
+from .detection import DetectionTask
+from .repository import ModelConfig, ModelRepository, load_config
+from .task import Task
+
+log = logging.getLogger("cvserve.worker")
+
+TASKS: dict[str, type[Task]] = {"detection": DetectionTask}
+
+
+def default_worker_id() -> str:
+    """The consumer name in each model's group (docs/design.md §2)."""
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def serving_configs(settings: Settings) -> list[ModelConfig]:
+    """The models this worker serves: CVSERVE_MODELS, or every built model in the
+    repository. With no detector at all, one is built (random weights when offline) so
+    that the quick start always answers."""
+    repo = ModelRepository(settings.model_repository)
+    configs = repo.configs()
+    if settings.models:
+        missing = set(settings.models) - {c.name for c in configs}
+        if missing:
+            log.error("CVSERVE_MODELS names models not in %s: %s", repo.root,
+                      ", ".join(sorted(missing)))
+        configs = [c for c in configs if c.name in settings.models]
+    if not any(c.task == "detection" for c in configs) and settings.auto_build_default \
+            and not settings.models:
+        configs.append(build_default_detector(settings))
+    return configs
+
+
+def build_default_detector(settings: Settings) -> ModelConfig:
+    from cvserve.models.export import DEFAULT_DETECTOR, ExportError, export_detector
+
+    log.warning("no detection model in %s: building %s (pretrained if it can be downloaded, "
+                "else random weights)", settings.model_repository, DEFAULT_DETECTOR)
+    try:
+        path = export_detector(DEFAULT_DETECTOR, settings.model_repository, weights="default")
+    except ExportError as exc:
+        log.warning("%s", exc)
+        log.warning("using RANDOM weights for %s: it will detect nothing meaningful. Export "
+                    "a real model with `cvserve models export`", DEFAULT_DETECTOR)
+        path = export_detector(DEFAULT_DETECTOR, settings.model_repository, weights="random")
+    return load_config(path)
+
+
+def build_task(cfg: ModelConfig, settings: Settings) -> Task:
+    if cfg.task not in TASKS:
+        raise ValueError(f"model {cfg.name}: task '{cfg.task}' is not served yet "
+                         f"(served: {', '.join(TASKS)})")
+    return TASKS[cfg.task](cfg, load_backend(cfg, settings), settings)
+
+
+class Worker:
+    """Serves a set of models from a queue until stopped."""
+
+    def __init__(self, settings: Settings, queue: JobQueue, configs: list[ModelConfig],
+                 worker_id: str | None = None) -> None:
+        self.settings = settings
+        self.queue = queue
+        self.configs = configs
+        self.worker_id = worker_id or default_worker_id()
+        self.pool = ThreadPoolExecutor(settings.decode_threads, thread_name_prefix="decode")
+        self.runners: dict[str, ModelRunner] = {}
+        self._heartbeat: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        for cfg in self.configs:
+            t0 = time.perf_counter()
+            try:
+                task = await loop.run_in_executor(None, build_task, cfg, self.settings)
+            except Exception as exc:
+                log.error("model %s failed to load: %s", cfg.name, exc)
+                continue
+            log.info("loaded %s (%s on %s, weights: %s) in %.1f s", cfg.name, cfg.backend,
+                     task.backend.device, cfg.weights, time.perf_counter() - t0)
+            self.runners[cfg.name] = ModelRunner(task, self.queue, self.pool)
+        for runner in self.runners.values():
+            runner.start()
+        await self._announce()
+        self._heartbeat = asyncio.create_task(self._beat(), name="worker-heartbeat")
+
+    def info(self) -> WorkerInfo:
+        return WorkerInfo(self.worker_id, {
+            name: {**r.task.cfg.describe(), **r.task.backend.describe()}
+            for name, r in self.runners.items()})
+
+    async def _announce(self) -> None:
+        await self.queue.register(self.info(), ttl_s=3 * self.settings.heartbeat_s)
+
+    async def _beat(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.heartbeat_s)
+            try:
+                await self._announce()
+            except Exception as exc:
+                log.warning("heartbeat failed: %s", exc)
+
+    async def stop(self) -> None:
+        if self._heartbeat is not None:
+            self._heartbeat.cancel()
+        try:
+            await self.queue.unregister(self.worker_id)
+        except Exception as exc:
+            log.warning("could not unregister: %s", exc)
+        await asyncio.gather(*(r.stop() for r in self.runners.values()))
+        self.pool.shutdown(wait=False)

@@ -1,0 +1,52 @@
+"""The stages every task implements (decode+preprocess, run, postprocess+encode)."""
+
+from __future__ import annotations
+
+import time
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any
+
+from cvserve.app.queue import Job
+from cvserve.app.settings import Settings
+
+from .backend import Backend
+from .repository import ModelConfig
+
+
+@dataclass
+class Prepared:
+    """A job after decode and preprocess: the model input and what undoes the preprocess."""
+
+    job: Job
+    inputs: Any
+    meta: dict[str, Any]
+    timing_ms: dict[str, float] = field(default_factory=dict)
+
+
+class Task(ABC):
+    """A task's stages. `prepare` and `finish` run on the decode thread pool; `run` runs
+    on the model's own thread, one batch at a time."""
+
+    def __init__(self, cfg: ModelConfig, backend: Backend, settings: Settings) -> None:
+        self.cfg = cfg
+        self.backend = backend
+        self.settings = settings
+
+    def timed_prepare(self, job: Job) -> Prepared:
+        t0 = time.perf_counter()
+        item = self.prepare(job)
+        item.timing_ms["preprocess"] = (time.perf_counter() - t0) * 1000
+        return item
+
+    @abstractmethod
+    def prepare(self, job: Job) -> Prepared:
+        """Decode and preprocess one job's payload."""
+
+    @abstractmethod
+    def run(self, batch: list[Prepared]) -> list[Any]:
+        """Collate a batch, run the backend once, split the outputs per item."""
+
+    @abstractmethod
+    def finish(self, item: Prepared, output: Any) -> tuple[dict[str, Any], bytes | None]:
+        """Postprocess one item's output into the JSON result (and a PNG when asked)."""
