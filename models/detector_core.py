@@ -11,6 +11,8 @@ of different sizes share a batch; padded outputs give every backend one output s
 
 from __future__ import annotations
 
+from collections import OrderedDict
+
 import torch
 from torch import Tensor, nn
 from torchvision.models.detection import FCOS, FasterRCNN, RetinaNet
@@ -41,18 +43,17 @@ class DetectorCore(nn.Module):
 
     def pad(self, images: Tensor, detections: list[dict[str, Tensor]]
             ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        b = images.shape[0]
-        boxes = images.new_zeros((b, self.k, 4))
-        scores = images.new_full((b, self.k), -1.0)
-        labels = torch.zeros((b, self.k), dtype=torch.int64, device=images.device)
-        counts = torch.zeros((b,), dtype=torch.int64, device=images.device)
-        for i, det in enumerate(detections):
-            n = det["boxes"].shape[0]
-            boxes[i, :n] = det["boxes"]
-            scores[i, :n] = det["scores"]
-            labels[i, :n] = det["labels"]
-            counts[i] = n
-        return boxes, scores, labels, counts
+        # Concatenating padding (rather than writing into a preallocated slice) keeps the
+        # traced ONNX graph valid when an image has no detections at all.
+        boxes, scores, labels = [], [], []
+        for det in detections:
+            fill = self.k - det["boxes"].shape[0]
+            boxes.append(torch.cat([det["boxes"], images.new_zeros((fill, 4))]))
+            scores.append(torch.cat([det["scores"], images.new_full((fill,), -1.0)]))
+            labels.append(torch.cat([det["labels"], det["labels"].new_zeros((fill,))]))
+        padded_scores = torch.stack(scores)
+        counts = (padded_scores >= 0).sum(dim=1)  # real scores are probabilities
+        return torch.stack(boxes), padded_scores, torch.stack(labels), counts
 
 
 class RCNNCore(DetectorCore):
@@ -60,6 +61,8 @@ class RCNNCore(DetectorCore):
 
     def detect(self, images: Tensor, sizes: list[tuple[int, int]]) -> list[dict[str, Tensor]]:
         features = self.model.backbone(images)
+        if isinstance(features, torch.Tensor):  # a single-map backbone, as GeneralizedRCNN
+            features = OrderedDict([("0", features)])
         proposals, _ = self.model.rpn(ImageList(images, sizes), features)
         detections, _ = self.model.roi_heads(features, proposals, sizes)
         return detections

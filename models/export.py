@@ -17,7 +17,9 @@ from __future__ import annotations
 import logging
 import shutil
 import tempfile
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -44,6 +46,7 @@ DETECTORS = (
     "fcos_resnet50_fpn",
 )
 DEFAULT_DETECTOR = "fasterrcnn_mobilenet_v3_large_320_fpn"
+DEMO_WEIGHTS = Path(__file__).resolve().parent / "demo" / "detector.pt"
 # Measured (../shared/PERF.md): the R-CNN family runs ~2x faster per image in batches of
 # 2-4 on 2 CPU cores, so these wait a little for a batch to fill.
 BATCHING = {"max_batch_size": 4, "max_queue_delay_ms": 5.0}
@@ -73,7 +76,7 @@ def _calibrate_batchnorm(model: nn.Module, seed: int) -> None:
     generated images in train mode set real statistics, so outputs are not degenerate."""
     model.train()
     scenes = [make_scene(seed + i, 320, 320) for i in range(8)]
-    batch = torch.stack([torch.from_numpy(np.asarray(s.image)).permute(2, 0, 1)
+    batch = torch.stack([torch.from_numpy(np.array(s.image)).permute(2, 0, 1)
                          for s in scenes]).float() / 255
     with torch.no_grad():
         images, _ = model.transform(list(batch))
@@ -259,7 +262,9 @@ def export_detector(arch: str, repository: Path, *, weights: str = "default",
         out = Path(tmp) / name
         out.mkdir()
         if fmt == "torchscript":
-            torch.jit.script(detector_core(model)).save(str(out / "model.pt"))
+            with _quiet_exporters():
+                scripted = torch.jit.script(detector_core(model))
+            scripted.save(str(out / "model.pt"))
             file, sizes = "model.pt", None
         else:
             _export_onnx(model, out, batch_sizes)
@@ -289,6 +294,20 @@ def export_detector(arch: str, repository: Path, *, weights: str = "default",
     return target
 
 
+@contextmanager
+def _quiet_exporters() -> Iterator[None]:
+    """torch.jit.script and the tracing ONNX exporter are deprecated upstream, yet they are
+    the two exporters that handle torchvision detectors (a list of any length; dynamic
+    image sizes through data-dependent NMS, which torch.export cannot trace yet). Their
+    deprecation and tracer warnings say nothing actionable to a user, so they are muted."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        warnings.simplefilter("ignore", FutureWarning)
+        warnings.simplefilter("ignore", UserWarning)
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        yield
+
+
 def _export_onnx(model: nn.Module, out: Path, batch_sizes: tuple[int, ...]) -> None:
     core = detector_core(model, traced=True)
     spec = _input_spec(model)
@@ -296,7 +315,7 @@ def _export_onnx(model: nn.Module, out: Path, batch_sizes: tuple[int, ...]) -> N
     for b in batch_sizes:
         images = torch.rand(b, 3, h, w)
         sizes = torch.tensor([[h, w]] * b, dtype=torch.int64)
-        with torch.no_grad():
+        with torch.no_grad(), _quiet_exporters():
             torch.onnx.export(
                 core, (images, sizes), str(out / f"model.b{b}.onnx"), dynamo=False,
                 opset_version=17, input_names=["images", "image_sizes"],

@@ -7,33 +7,26 @@ import io
 import numpy as np
 import torch
 from PIL import Image, ImageOps
-from torchvision.io import ImageReadMode, decode_image
 
 from cvserve.app.errors import UnsupportedMedia
 from cvserve.app.media import ImageInfo, probe_image
 
-# libjpeg-turbo / libpng / libwebp through torchvision: no PIL round trip for the common
-# formats. Everything else Pillow decodes.
-_TORCHVISION_FORMATS = {"JPEG", "PNG", "WEBP", "MPO"}
-
 
 def decode_rgb(data: bytes, max_pixels: int) -> tuple[torch.Tensor, ImageInfo]:
-    """Decode an upload to an upright RGB image. # [3, H, W] uint8 (EXIF rotation applied)"""
+    """Decode an upload to the upright RGB image a viewer shows. # [3, H, W] uint8
+
+    Pillow, not torchvision.io: torchvision 0.29 deprecates its decoders, and Pillow also
+    covers CMYK, palette and EXIF-rotated images. An animated image gives its first frame.
+    """
     info = probe_image(data, max_pixels)
     try:
-        if info.format in _TORCHVISION_FORMATS:
-            buf = torch.frombuffer(bytearray(data), dtype=torch.uint8)
-            img = decode_image(buf, mode=ImageReadMode.RGB, apply_exif_orientation=True)
-        else:
-            with Image.open(io.BytesIO(data)) as im:
-                im = ImageOps.exif_transpose(im.convert("RGB"))
-                img = torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1)
-    except (RuntimeError, OSError, ValueError, SyntaxError) as exc:
+        with Image.open(io.BytesIO(data)) as im:
+            upright = ImageOps.exif_transpose(im)
+            rgb = np.array(upright.convert("RGB"))  # [H, W, 3]
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
         raise UnsupportedMedia(f"could not decode the {info.format} image "
                                f"({info.width}x{info.height}): {exc}") from exc
-    if img.ndim == 4:  # an animated image: its first frame
-        img = img[0]
-    return img.contiguous(), info
+    return torch.from_numpy(rgb).permute(2, 0, 1).contiguous(), info
 
 
 def encode_png(img: torch.Tensor) -> bytes:

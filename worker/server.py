@@ -47,18 +47,29 @@ def serving_configs(settings: Settings) -> list[ModelConfig]:
 
 
 def build_default_detector(settings: Settings) -> ModelConfig:
-    from cvserve.models.export import DEFAULT_DETECTOR, ExportError, export_detector
+    """The best detector that can be had here: torchvision's pretrained default when it
+    downloads, else the project's demo detector (shipped weights), else random weights."""
+    from cvserve.models.export import (
+        DEFAULT_DETECTOR,
+        DEMO_WEIGHTS,
+        ExportError,
+        export_detector,
+    )
 
-    log.warning("no detection model in %s: building %s (pretrained if it can be downloaded, "
-                "else random weights)", settings.model_repository, DEFAULT_DETECTOR)
+    repo = settings.model_repository
+    log.warning("no detection model in %s: building one", repo)
     try:
-        path = export_detector(DEFAULT_DETECTOR, settings.model_repository, weights="default")
+        return load_config(export_detector(DEFAULT_DETECTOR, repo, weights="default"))
     except ExportError as exc:
         log.warning("%s", exc)
-        log.warning("using RANDOM weights for %s: it will detect nothing meaningful. Export "
-                    "a real model with `cvserve models export`", DEFAULT_DETECTOR)
-        path = export_detector(DEFAULT_DETECTOR, settings.model_repository, weights="random")
-    return load_config(path)
+    if DEMO_WEIGHTS.is_file():
+        log.warning("serving the demo detector (trained on generated shapes: circle, "
+                    "square, triangle, star; see models/demo/README.md)")
+        return load_config(export_detector("tiny_fasterrcnn", repo, weights=str(DEMO_WEIGHTS),
+                                           name="demo-detector"))
+    log.warning("using RANDOM weights for %s: it detects nothing meaningful. Export a real "
+                "model with `cvserve models export`", DEFAULT_DETECTOR)
+    return load_config(export_detector(DEFAULT_DETECTOR, repo, weights="random"))
 
 
 def build_task(cfg: ModelConfig, settings: Settings) -> Task:

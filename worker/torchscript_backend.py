@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import torch
 
@@ -19,7 +21,12 @@ class TorchScriptBackend(Backend):
         self.device = resolve_device(settings.device)
         if settings.intra_op_threads:
             torch.set_num_threads(settings.intra_op_threads)
-        self.module = torch.jit.load(str(cfg.artifact()), map_location=self.device).eval()
+        with warnings.catch_warnings():
+            # TorchScript is deprecated upstream but remains what torchvision detectors
+            # export to with a variable batch; the warning tells a user nothing to do.
+            warnings.simplefilter("ignore", FutureWarning)
+            self.module = torch.jit.load(str(cfg.artifact()), map_location=self.device)
+        self.module.eval()
 
     def _run(self, inputs: Arrays) -> Arrays:
         args = [torch.from_numpy(np.ascontiguousarray(inputs[name])).to(self.device)

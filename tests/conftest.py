@@ -1,0 +1,158 @@
+"""Shared fixtures: model repositories built offline, real cvserve processes, Redis prefixes."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+import redis
+
+from cvserve.models.export import DEFAULT_DETECTOR, export_detector
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+REDIS_URL = os.environ.get("CVSERVE_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def random_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A repository with torchvision's default detector, random weights, as TorchScript."""
+    repo = tmp_path_factory.mktemp("repo-random")
+    export_detector(DEFAULT_DETECTOR, repo, weights="random", fmt="torchscript",
+                    name="frcnn-ts", check=False)
+    return repo
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> str:
+    try:
+        redis.Redis.from_url(REDIS_URL, socket_connect_timeout=2).ping()
+    except redis.RedisError as exc:
+        pytest.skip(f"no Redis at {REDIS_URL} ({exc}); start redis-server or set "
+                    "CVSERVE_TEST_REDIS_URL")
+    return REDIS_URL
+
+
+@pytest.fixture
+def redis_prefix(redis_url: str) -> Iterator[str]:
+    """A key prefix of this test's own, deleted afterwards."""
+    prefix = f"cvserve-test-{uuid.uuid4().hex[:10]}"
+    yield prefix
+    r = redis.Redis.from_url(redis_url)
+    keys = list(r.scan_iter(match=f"{prefix}:*", count=500))
+    if keys:
+        r.delete(*keys)
+
+
+class Service:
+    """One `cvserve` process (run, api or worker) with its own environment and log file."""
+
+    def __init__(self, command: str, env: dict[str, str], log_dir: Path,
+                 port: int | None = None, args: tuple[str, ...] = ()) -> None:
+        self.command = command
+        self.port = port
+        self.env = {**os.environ, "PYTHONUNBUFFERED": "1", **env}
+        if port is not None:
+            self.env["CVSERVE_PORT"] = str(port)
+        self.log_path = log_dir / f"{command}-{uuid.uuid4().hex[:6]}.log"
+        self.args = args
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> Service:
+        with self.log_path.open("wb") as log:  # the child keeps its own descriptor
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "cvserve.app.cli", self.command, *self.args],
+                env=self.env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO_ROOT)
+        return self
+
+    def wait_ready(self, timeout: float = 90) -> Service:
+        """Until /readyz answers 200 (api processes) — a worker must be serving a model."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert self.proc is not None
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.command} exited with {self.proc.returncode}:\n"
+                                   f"{self.log()}")
+            try:
+                if httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.3)
+        raise TimeoutError(f"{self.command} not ready in {timeout} s:\n{self.log()}")
+
+    def wait_log(self, text: str, timeout: float = 90) -> Service:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if text in self.log():
+                return self
+            assert self.proc is not None
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.command} exited:\n{self.log()}")
+            time.sleep(0.2)
+        raise TimeoutError(f"'{text}' not in the {self.command} log in {timeout} s:\n"
+                           f"{self.log()}")
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(10)
+
+    def stop(self, timeout: float = 15) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+
+
+@pytest.fixture
+def services(tmp_path: Path) -> Iterator[list[Service]]:
+    """Start services with `services.append(Service(...).start())`; all stop at the end."""
+    started: list[Service] = []
+    yield started
+    for svc in reversed(started):
+        svc.stop()
+
+
+DEMO_CHECKPOINT = REPO_ROOT / "models" / "demo" / "detector.pt"
+
+
+@pytest.fixture(scope="session")
+def demo_checkpoint() -> Path:
+    """The demo detector's trained weights (committed; `cvserve models train-demo`)."""
+    assert DEMO_CHECKPOINT.is_file(), f"{DEMO_CHECKPOINT} is part of the repository"
+    return DEMO_CHECKPOINT
+
+
+@pytest.fixture(scope="session")
+def demo_repo(demo_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The demo detector exported both ways: `demo-ts` (TorchScript), `demo-onnx` (ONNX)."""
+    repo = tmp_path_factory.mktemp("repo-demo")
+    for fmt, name in (("torchscript", "demo-ts"), ("onnx", "demo-onnx")):
+        export_detector("tiny_fasterrcnn", repo, weights=str(demo_checkpoint), fmt=fmt,
+                        name=name, check=False)
+    return repo

@@ -1,0 +1,75 @@
+"""`cvserve run` over real HTTP: the quick start's behaviour, end to end."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import httpx
+import pytest
+from PIL import Image
+
+from cvserve.models.synthetic import make_scene
+
+from .conftest import Service, free_port
+
+
+@pytest.fixture(scope="module")
+def embedded(random_repo: Path, tmp_path_factory: pytest.TempPathFactory):
+    svc = Service("run", {"CVSERVE_MODEL_REPOSITORY": str(random_repo)},
+                  tmp_path_factory.mktemp("logs"), port=free_port()).start()
+    try:
+        yield svc.wait_ready()
+    finally:
+        svc.stop()
+
+
+def test_detect_returns_boxes_in_original_pixels_with_timing(embedded: Service) -> None:
+    scene = make_scene(3, 500, 300)
+    r = httpx.post(f"{embedded.url}/detect", params={"score_threshold": 0},
+                   files={"file": ("a.jpg", scene.jpeg(), "image/jpeg")}, timeout=60)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["model"] == "frcnn-ts"
+    assert body["image"] == {"width": 500, "height": 300}
+    assert body["detections"], "score_threshold=0 keeps the random model's boxes"
+    for det in body["detections"]:
+        box = det["box"]
+        assert 0 <= box["x1"] <= box["x2"] <= 500 and 0 <= box["y1"] <= box["y2"] <= 300
+        assert isinstance(det["label"], str) and isinstance(det["class_id"], int)
+    assert set(body["timing"]) >= {"queue", "preprocess", "inference", "postprocess", "total"}
+    assert r.headers["x-request-id"]
+
+
+def test_raw_body_and_form_fields_work_like_multipart_and_query(embedded: Service) -> None:
+    data = make_scene(4, 320, 240).jpeg()
+    raw = httpx.post(f"{embedded.url}/detect?score_threshold=0.0", content=data,
+                     headers={"content-type": "image/jpeg"}, timeout=60)
+    form = httpx.post(f"{embedded.url}/detect", data={"score_threshold": "0.0"},
+                      files={"file": ("a.jpg", data, "image/jpeg")}, timeout=60)
+    assert raw.status_code == form.status_code == 200
+    assert raw.json()["detections"] == form.json()["detections"]
+
+
+def test_png_rendering_has_the_original_size(embedded: Service) -> None:
+    data = make_scene(5, 333, 222).jpeg()
+    for kwargs in ({"params": {"format": "png"}}, {"headers": {"accept": "image/png"}}):
+        r = httpx.post(f"{embedded.url}/detect", files={"file": ("a.jpg", data)}, timeout=60,
+                       **kwargs)
+        assert r.status_code == 200 and r.headers["content-type"] == "image/png"
+        assert Image.open(io.BytesIO(r.content)).size == (333, 222)
+
+
+def test_models_lists_the_served_detector(embedded: Service) -> None:
+    models = httpx.get(f"{embedded.url}/models").json()["models"]
+    [m] = [m for m in models if m["name"] == "frcnn-ts"]
+    assert m["task"] == "detection" and m["backend"] == "torchscript"
+    assert m["weights"].startswith("random") and m["workers"]
+    assert httpx.get(f"{embedded.url}/models/frcnn-ts").json()["labels"][1] == "person"
+    missing = httpx.get(f"{embedded.url}/models/nope")
+    assert missing.status_code == 404 and missing.json()["error"]["code"] == "model_not_found"
+
+
+def test_health_and_readiness(embedded: Service) -> None:
+    assert httpx.get(f"{embedded.url}/healthz").json() == {"status": "ok"}
+    assert httpx.get(f"{embedded.url}/readyz").status_code == 200

@@ -1,0 +1,26 @@
+"""Settings are validated at start, cross-field rules included, and name the variable."""
+
+from __future__ import annotations
+
+import pytest
+from pydantic import ValidationError
+
+from cvserve.app.settings import Settings
+
+
+def test_environment_variables_are_read(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CVSERVE_MAX_QUEUE", "7")
+    monkeypatch.setenv("CVSERVE_REDIS_URL", "redis://127.0.0.1:6379/0")
+    s = Settings()
+    assert s.max_queue == 7 and not s.embedded
+    assert s.key("jobs", "m") == "cvserve:jobs:m"
+
+
+def test_request_timeout_above_the_maximum_is_refused() -> None:
+    with pytest.raises(ValidationError, match="max_request_timeout_s"):
+        Settings(request_timeout_s=600, max_request_timeout_s=300)
+
+
+def test_visibility_timeout_must_leave_room_for_a_batch() -> None:
+    with pytest.raises(ValidationError, match="visibility_timeout_ms"):
+        Settings(visibility_timeout_ms=10)
