@@ -160,8 +160,10 @@ def create_app(settings: Settings, queue: JobQueue,
             raise InputError(f"timeout_s must be in (0, {settings.max_request_timeout_s}] "
                              "(CVSERVE_MAX_REQUEST_TIMEOUT_S)")
         t0 = time.perf_counter()
+        # The job id is ours, not the client's X-Request-ID: two requests may send the same.
         job = Job(model=name, task=task, payload=data, params=params,
-                  deadline_ms=now_ms() + int(timeout * 1000), id=request.state.request_id)
+                  deadline_ms=now_ms() + int(timeout * 1000),
+                  request_id=request.state.request_id)
         future = await queue.submit(job)
         try:
             reply = await asyncio.wait_for(future, timeout)

@@ -24,10 +24,13 @@ def make_queue(settings: Settings, consumer: str | None = None) -> JobQueue:
 
 def embedded_app(settings: Settings) -> FastAPI:
     """api + worker in one process over one queue (in-memory, or Redis when configured)."""
-    from cvserve.worker.server import Worker, serving_configs
+    from cvserve.worker.server import Worker, default_worker_id, serving_configs
 
-    queue = make_queue(settings)
-    worker = Worker(settings, queue, serving_configs(settings))
+    # One name for both roles: the consumer that holds jobs in Redis is the worker that
+    # /models lists, so a pending job can be traced to the process holding it.
+    worker_id = default_worker_id()
+    queue = make_queue(settings, consumer=worker_id)
+    worker = Worker(settings, queue, serving_configs(settings), worker_id=worker_id)
     return create_app(settings, queue, on_startup=worker.start, on_shutdown=worker.stop)
 
 
@@ -59,6 +62,6 @@ async def run_worker(settings: Settings) -> None:
         log.error("no model could be loaded; the worker has nothing to serve")
     log.info("worker %s serving %s", worker.worker_id, ", ".join(worker.runners) or "nothing")
     await stop.wait()
-    log.info("stopping: no new jobs; unanswered jobs stay pending for other workers")
+    log.info("stopping: no new jobs; unanswered ones go back to the other workers")
     await worker.stop()
     await queue.close()

@@ -33,6 +33,7 @@ class Job:
     params: dict[str, Any] = field(default_factory=dict)
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
     reply_to: str = ""
+    request_id: str = ""  # the client's X-Request-ID, for logs
     enqueued_ms: int = field(default_factory=now_ms)
     deliveries: int = 1
     entry_id: str | None = None  # the transport's handle (a Redis stream entry id)
@@ -45,7 +46,7 @@ class Job:
         """Everything but the payload, as JSON-able fields."""
         return {"id": self.id, "model": self.model, "task": self.task, "params": self.params,
                 "deadline_ms": self.deadline_ms, "reply_to": self.reply_to,
-                "enqueued_ms": self.enqueued_ms}
+                "request_id": self.request_id, "enqueued_ms": self.enqueued_ms}
 
 
 @dataclass

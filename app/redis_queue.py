@@ -5,8 +5,10 @@
 - payloads: inline up to `inline_payload_bytes`, else SET {prefix}:payload:{job} with a TTL.
 - replies:  XADD {prefix}:replies:{api_id}; one reader task per api process resolves
             waiting requests by job id. The stream expires when its api process is gone.
-- failure:  a job pending longer than the visibility timeout is reclaimed (XAUTOCLAIM) by
-            a live worker; past `max_deliveries` it moves to {prefix}:dead:{model} and its
+- leases:   a worker refreshes the idle time of the jobs it holds (XCLAIM JUSTID), so a
+            busy worker keeps its jobs and only a dead one's go idle.
+- failure:  a job idle longer than the visibility timeout is reclaimed (XAUTOCLAIM) by a
+            live worker; past `max_deliveries` it moves to {prefix}:dead:{model} and its
             client gets a JobFailed error.
 """
 
@@ -16,6 +18,7 @@ import asyncio
 import json
 import logging
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -28,32 +31,65 @@ from .settings import Settings
 log = logging.getLogger("cvserve.queue")
 
 GROUP = "workers"
+# A command with no answer in this long fails instead of hanging on a half-open connection
+# (a failover, a dropped NAT entry); blocking reads wait at most MAX_BLOCK_MS, well within.
+SOCKET_TIMEOUT_S = 10.0
+MAX_BLOCK_MS = 5000
+
+# Check the backlog and add the job in one step: checking, then adding, lets a burst of
+# concurrent requests all see room and overfill the queue past max_queue.
+# KEYS: the job stream; ARGV: max_queue, then the entry's field/value pairs.
+# Returns {1, entry id} when added, {0, depth} when the queue is full.
+_XADD_IF_ROOM = """
+local depth = redis.call('XLEN', KEYS[1])
+if depth >= tonumber(ARGV[1]) then
+  return {0, depth}
+end
+return {1, redis.call('XADD', KEYS[1], '*', unpack(ARGV, 2))}
+"""
+
+
+@dataclass
+class _Held:
+    """A job this worker fetched and has not answered yet."""
+
+    deadline_ms: int
+    payload_key: bytes | None  # the separate payload key, deleted with the job
 
 
 class RedisQueue(JobQueue):
+    """The queue over Redis streams; one per process, as the api, a worker, or both."""
+
     def __init__(self, settings: Settings, consumer: str | None = None) -> None:
         super().__init__(settings.max_queue, settings.retry_after_s)
         assert settings.redis_url is not None
         self.s = settings
         self.consumer = consumer or settings.api_id
         self.redis = aioredis.Redis.from_url(settings.redis_url, socket_connect_timeout=2,
+                                             socket_timeout=SOCKET_TIMEOUT_S,
                                              health_check_interval=10)
         self.reply_stream = settings.key("replies", settings.api_id)
+        self._xadd_if_room = self.redis.register_script(_XADD_IF_ROOM)
         self._reader: asyncio.Task[None] | None = None
+        self._lease: asyncio.Task[None] | None = None
         self._groups: set[str] = set()
         self._last_reclaim: dict[str, float] = {}
+        self._reclaim_cursor: dict[str, str] = {}
+        self._held: dict[tuple[str, str], _Held] = {}  # (stream, entry id) -> job
 
     # --- api side ----------------------------------------------------------------------
     async def start(self) -> None:
         self._reader = asyncio.create_task(self._read_replies(), name="cvserve-reply-reader")
 
     async def close(self) -> None:
-        if self._reader is not None:
-            self._reader.cancel()
-            try:
-                await self._reader
-            except asyncio.CancelledError:
-                pass
+        for task in (self._reader, self._lease):
+            if task is not None:
+                task.cancel()
+                try:
+                    await task
+                except asyncio.CancelledError:
+                    pass
+        await self._release_held()
         await super().close()
         try:
             await self.redis.delete(self.reply_stream)
@@ -63,28 +99,28 @@ class RedisQueue(JobQueue):
 
     async def _read_replies(self) -> None:
         """The one reader of this process's reply stream; resolves waiting requests."""
-        last_id = "$"
+        # From the stream's start, then from the last entry seen: "$" would skip replies
+        # written between two reads or while Redis was unreachable. The stream is this
+        # process's alone (api_id is unique), so nothing older is in it.
+        last_id: bytes | str = "0-0"
         while True:
             try:
                 batches = await self.redis.xread({self.reply_stream: last_id}, block=1000,
                                                  count=256)
-            except asyncio.CancelledError:
-                raise
-            except RedisError as exc:
+                for _stream, entries in batches:
+                    ids = []
+                    for entry_id, fields in entries:
+                        last_id = entry_id
+                        ids.append(entry_id)
+                        try:
+                            self._resolve(Reply.decode(fields))
+                        except (KeyError, TypeError, ValueError) as exc:
+                            log.error("unreadable reply %s: %s", entry_id, exc)
+                    if ids:
+                        await self.redis.xdel(self.reply_stream, *ids)
+            except RedisError as exc:  # a dead reader would leave every request to time out
                 log.warning("reply reader: %s; retrying", exc)
                 await asyncio.sleep(0.5)
-                continue
-            for _stream, entries in batches:
-                ids = []
-                for entry_id, fields in entries:
-                    last_id = entry_id
-                    ids.append(entry_id)
-                    try:
-                        self._resolve(Reply.decode(fields))
-                    except (KeyError, ValueError) as exc:
-                        log.error("unreadable reply %s: %s", entry_id, exc)
-                if ids:
-                    await self.redis.xdel(self.reply_stream, *ids)
 
     async def submit(self, job: Job) -> asyncio.Future[Reply]:
         try:
@@ -96,6 +132,7 @@ class RedisQueue(JobQueue):
     async def _enqueue(self, job: Job) -> None:
         job.reply_to = self.reply_stream
         fields: dict[str, Any] = {"header": json.dumps(job.header())}
+        payload_key = None
         if len(job.payload) <= self.s.inline_payload_bytes:
             fields["payload"] = job.payload
         else:
@@ -103,21 +140,29 @@ class RedisQueue(JobQueue):
             await self.redis.set(payload_key, job.payload, ex=self.s.payload_ttl_s)
             fields["payload_key"] = payload_key
         # No MAXLEN: backpressure is the api's 503, jobs are never trimmed away silently.
-        await self.redis.xadd(self.s.key("jobs", job.model), fields)
+        args = [self.max_queue, *(x for pair in fields.items() for x in pair)]
+        added, depth_or_id = await self._xadd_if_room(keys=[self.s.key("jobs", job.model)],
+                                                      args=args)
+        if not added:
+            if payload_key is not None:
+                await self.redis.delete(payload_key)
+            raise Overloaded(
+                f"model '{job.model}' has {depth_or_id} queued jobs (max_queue="
+                f"{self.max_queue}); retry later or raise CVSERVE_MAX_QUEUE",
+                retry_after_s=self.retry_after_s)
 
     async def depth(self, model: str) -> int:
         return int(await self.redis.xlen(self.s.key("jobs", model)))
 
     async def workers(self) -> list[WorkerInfo]:
-        keys = [k async for k in self.redis.scan_iter(match=self.s.key("workers", "*"),
-                                                      count=100)]
-        if not keys:
-            return []
-        infos = []
-        for raw in await self.redis.mget(keys):
-            if raw is not None:
-                infos.append(WorkerInfo(**json.loads(raw)))
-        return infos
+        try:
+            keys = [k async for k in self.redis.scan_iter(match=self.s.key("workers", "*"),
+                                                          count=100)]
+            raws = await self.redis.mget(keys) if keys else []
+        except RedisError as exc:  # a 503 the client may retry, not a 500
+            raise Overloaded(f"the queue (Redis) is unreachable: {exc}",
+                             retry_after_s=self.retry_after_s) from exc
+        return [WorkerInfo(**json.loads(raw)) for raw in raws if raw is not None]
 
     async def ping(self) -> bool:
         try:
@@ -130,6 +175,7 @@ class RedisQueue(JobQueue):
         if stream in self._groups:
             return
         try:
+            # id=0: jobs submitted before any worker existed are served too.
             await self.redis.xgroup_create(stream, GROUP, id="0", mkstream=True)
         except ResponseError as exc:
             if "BUSYGROUP" not in str(exc):
@@ -137,30 +183,49 @@ class RedisQueue(JobQueue):
         self._groups.add(stream)
 
     async def fetch(self, model: str, count: int, block_ms: int) -> list[Job]:
+        if self._lease is None:
+            self._lease = asyncio.create_task(self._keep_leases(), name="cvserve-leases")
         stream = self.s.key("jobs", model)
+        try:
+            return await self._fetch(model, stream, count, block_ms)
+        except ResponseError as exc:
+            if "NOGROUP" not in str(exc):
+                raise
+            # The stream and its group are gone (Redis restarted without persistence, or
+            # the key was deleted): the cached "group exists" is stale, so recreate it.
+            log.warning("consumer group of %s vanished; recreating it", stream)
+            self._groups.discard(stream)
+            return await self._fetch(model, stream, count, block_ms)
+
+    async def _fetch(self, model: str, stream: str, count: int, block_ms: int) -> list[Job]:
         await self._ensure_group(stream)
         jobs = await self._reclaim(model, stream, count)
         if jobs:
             return jobs
         res = await self.redis.xreadgroup(GROUP, self.consumer, {stream: ">"}, count=count,
-                                          block=block_ms or None)
+                                          block=min(block_ms, MAX_BLOCK_MS) or None)
         entries = res[0][1] if res else []
         return [j for entry_id, fields in entries
-                if (j := await self._job(entry_id, fields, 1)) is not None]
+                if (j := await self._job(stream, entry_id, fields, 1)) is not None]
 
     async def _reclaim(self, model: str, stream: str, count: int) -> list[Job]:
-        """Take over jobs a dead (or stuck) worker left pending past the visibility timeout."""
+        """Take over jobs a dead worker left pending past the visibility timeout."""
         now = time.monotonic()
         if now - self._last_reclaim.get(stream, 0.0) < min(1.0, self.s.visibility_timeout_ms
                                                           / 4000):
             return []
         self._last_reclaim[stream] = now
-        _next, claimed, _deleted = await self.redis.xautoclaim(
+        # XAUTOCLAIM looks at a bounded window of the pending list per call; resuming from
+        # the returned cursor reaches idle jobs behind many live ones.
+        res = await self.redis.xautoclaim(
             stream, GROUP, self.consumer, min_idle_time=self.s.visibility_timeout_ms,
-            start_id="0-0", count=count)
+            start_id=self._reclaim_cursor.get(stream, "0-0"), count=count)
+        # [cursor, entries] on Redis 6.2, [cursor, entries, deleted ids] on 7+.
+        cursor, claimed = res[0], res[1]
+        self._reclaim_cursor[stream] = cursor.decode() if isinstance(cursor, bytes) else cursor
         jobs = []
         for entry_id, fields in claimed:
-            if not fields:
+            if not fields:  # deleted from the stream while pending (Redis 6.2)
                 continue
             pending = await self.redis.xpending_range(stream, GROUP, min=entry_id,
                                                       max=entry_id, count=1)
@@ -168,11 +233,48 @@ class RedisQueue(JobQueue):
             if deliveries > self.s.max_deliveries:
                 await self._dead_letter(model, stream, entry_id, fields, deliveries)
                 continue
-            log.warning("reclaimed job %s of %s (delivery %d)", entry_id, model, deliveries)
-            job = await self._job(entry_id, fields, deliveries)
+            log.warning("reclaimed job %s of %s (delivery %d)", entry_id.decode(), model,
+                        deliveries)
+            job = await self._job(stream, entry_id, fields, deliveries)
             if job is not None:
                 jobs.append(job)
         return jobs
+
+    async def _keep_leases(self) -> None:
+        """Refresh the idle time of the jobs this worker holds (decoding, waiting for a
+        batch, running), so that a busy worker's jobs are not reclaimed and run twice."""
+        while True:
+            await asyncio.sleep(self.s.visibility_timeout_ms / 3000)
+            now = now_ms()
+            by_stream: dict[str, list[str]] = {}
+            for (stream, entry_id), held in self._held.items():
+                # Past its deadline nobody waits for it: let another worker reclaim it and
+                # answer "expired", so that a wedged worker cannot keep it forever.
+                if held.deadline_ms > now:
+                    by_stream.setdefault(stream, []).append(entry_id)
+            for stream, ids in by_stream.items():
+                try:
+                    # JUSTID: the idle time resets without counting a delivery.
+                    await self.redis.xclaim(stream, GROUP, self.consumer, 0, ids, justid=True)
+                except RedisError as exc:
+                    log.warning("could not refresh %d job leases on %s: %s", len(ids), stream,
+                                exc)
+
+    async def _release_held(self) -> None:
+        """On a clean stop, mark unanswered jobs idle so that others reclaim them at once
+        rather than after the visibility timeout."""
+        by_stream: dict[str, list[str]] = {}
+        for stream, entry_id in self._held:
+            by_stream.setdefault(stream, []).append(entry_id)
+        self._held.clear()
+        for stream, ids in by_stream.items():
+            try:
+                await self.redis.xclaim(stream, GROUP, self.consumer, 0, ids,
+                                        idle=self.s.visibility_timeout_ms, justid=True)
+                log.info("released %d unanswered jobs of %s to other workers", len(ids),
+                         stream)
+            except RedisError as exc:  # they are reclaimed after the visibility timeout
+                log.warning("could not release jobs of %s: %s", stream, exc)
 
     async def _dead_letter(self, model: str, stream: str, entry_id: bytes,
                            fields: dict[bytes, bytes], deliveries: int) -> None:
@@ -188,16 +290,19 @@ class RedisQueue(JobQueue):
                                                    error_message=err.message))
         await self._ack(stream, entry_id, fields.get(b"payload_key"))
 
-    async def _job(self, entry_id: bytes, fields: dict[bytes, bytes],
+    async def _job(self, stream: str, entry_id: bytes, fields: dict[bytes, bytes],
                    deliveries: int) -> Job | None:
         header = json.loads(fields[b"header"])
         payload = fields.get(b"payload")
+        payload_key = fields.get(b"payload_key")
         if payload is None:
-            payload = await self.redis.get(fields[b"payload_key"])
+            payload = await self.redis.get(payload_key) if payload_key else None
             if payload is None:  # its TTL ran out: nobody waits for it any more
-                await self._ack(self.s.key("jobs", header["model"]), entry_id, None)
+                await self._ack(stream, entry_id, None)
                 return None
-        return Job(payload=payload, deliveries=deliveries, entry_id=entry_id.decode(), **header)
+        job = Job(payload=payload, deliveries=deliveries, entry_id=entry_id.decode(), **header)
+        self._held[(stream, job.entry_id)] = _Held(job.deadline_ms, payload_key)
+        return job
 
     async def _send(self, reply_to: str, reply: Reply) -> None:
         async with self.redis.pipeline(transaction=False) as pipe:
@@ -214,10 +319,12 @@ class RedisQueue(JobQueue):
             await pipe.execute()
 
     async def reply(self, job: Job, reply: Reply) -> None:
+        stream = self.s.key("jobs", job.model)
+        entry_id = job.entry_id or "0-0"
         await self._send(job.reply_to, reply)  # written first: at-least-once
-        payload_key = (self.s.key("payload", job.id).encode()
-                       if len(job.payload) > self.s.inline_payload_bytes else None)
-        await self._ack(self.s.key("jobs", job.model), job.entry_id or "0-0", payload_key)
+        # The payload key as the entry named it: the api's inline limit may differ from ours.
+        held = self._held.pop((stream, entry_id), None)
+        await self._ack(stream, entry_id, held.payload_key if held else None)
 
     async def register(self, info: WorkerInfo, ttl_s: float) -> None:
         await self.redis.set(self.s.key("workers", info.worker_id),

@@ -156,3 +156,25 @@ def demo_repo(demo_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -
         export_detector("tiny_fasterrcnn", repo, weights=str(demo_checkpoint), fmt=fmt,
                         name=name, check=False)
     return repo
+
+
+@pytest.fixture(scope="session")
+def demo_service(demo_repo: Path, tmp_path_factory: pytest.TempPathFactory
+                 ) -> Iterator[Service]:
+    """`cvserve run` serving demo-ts and demo-onnx."""
+    svc = Service("run", {"CVSERVE_MODEL_REPOSITORY": str(demo_repo)},
+                  tmp_path_factory.mktemp("logs"), port=free_port()).start()
+    try:
+        yield svc.wait_ready()
+    finally:
+        svc.stop()
+
+
+def iou(a: dict, b: dict) -> float:
+    """IoU of two {x1, y1, x2, y2} boxes."""
+    ix = max(0.0, min(a["x2"], b["x2"]) - max(a["x1"], b["x1"]))
+    iy = max(0.0, min(a["y2"], b["y2"]) - max(a["y1"], b["y1"]))
+    inter = ix * iy
+    union = ((a["x2"] - a["x1"]) * (a["y2"] - a["y1"]) + (b["x2"] - b["x1"]) * (b["y2"] - b["y1"])
+             - inter)
+    return inter / union if union > 0 else 0.0

@@ -5,27 +5,16 @@ from __future__ import annotations
 
 import re
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import httpx
 import pytest
 
 from cvserve.models.synthetic import make_scene
 
-from .conftest import Service, free_port
+from .conftest import Service, iou
 
 SIZES = [(480, 360), (320, 320), (640, 427), (300, 500), (256, 384), (500, 280),
          (400, 400), (360, 480)]
-
-
-@pytest.fixture(scope="module")
-def demo_service(demo_repo: Path, tmp_path_factory: pytest.TempPathFactory):
-    svc = Service("run", {"CVSERVE_MODEL_REPOSITORY": str(demo_repo)},
-                  tmp_path_factory.mktemp("logs"), port=free_port()).start()
-    try:
-        yield svc.wait_ready()
-    finally:
-        svc.stop()
 
 
 def detect(url: str, model: str, data: bytes) -> list[dict]:
@@ -45,14 +34,6 @@ def batch_histogram(url: str, model: str) -> tuple[float, float]:
     total = value(rf'cvserve_inference_batch_size_count{{model="{model}"}} (\S+)')
     ones = value(rf'cvserve_inference_batch_size_bucket{{le="1.0",model="{model}"}} (\S+)')
     return total, ones
-
-
-def iou(a: dict, b: dict) -> float:
-    ix = max(0.0, min(a["x2"], b["x2"]) - max(a["x1"], b["x1"]))
-    iy = max(0.0, min(a["y2"], b["y2"]) - max(a["y1"], b["y1"]))
-    inter = ix * iy
-    area = ((a["x2"] - a["x1"]) * (a["y2"] - a["y1"]) + (b["x2"] - b["x1"]) * (b["y2"] - b["y1"]))
-    return inter / (area - inter) if area > inter else 0.0
 
 
 def assert_same_detections(alone: list[dict], batched: list[dict]) -> None:

@@ -11,7 +11,7 @@ from PIL import Image
 
 from cvserve.models.synthetic import make_scene
 
-from .conftest import Service, free_port
+from .conftest import Service, free_port, iou
 
 
 @pytest.fixture(scope="module")
@@ -73,3 +73,28 @@ def test_models_lists_the_served_detector(embedded: Service) -> None:
 def test_health_and_readiness(embedded: Service) -> None:
     assert httpx.get(f"{embedded.url}/healthz").json() == {"status": "ok"}
     assert httpx.get(f"{embedded.url}/readyz").status_code == 200
+
+
+def test_fresh_repository_serves_the_demo_detector_offline(tmp_path: Path) -> None:
+    # An unreachable proxy stands for "offline": the pretrained download fails at once.
+    env = {"CVSERVE_MODEL_REPOSITORY": str(tmp_path / "models"), "TORCH_HOME": str(tmp_path),
+           "HTTPS_PROXY": "http://127.0.0.1:9", "https_proxy": "http://127.0.0.1:9"}
+    svc = Service("run", env, tmp_path, port=free_port()).start()
+    try:
+        svc.wait_ready(timeout=180)
+        [model] = httpx.get(f"{svc.url}/models").json()["models"]
+        assert model["name"] == "demo-detector" and "demo" in svc.log()
+        found = 0
+        scenes = [make_scene(seed, 480, 360) for seed in (11, 12, 13)]
+        for scene in scenes:
+            r = httpx.post(f"{svc.url}/detect", files={"file": ("s.jpg", scene.jpeg())},
+                           timeout=60)
+            dets = r.json()["detections"]
+            for obj in scene.objects:
+                truth = dict(zip(("x1", "y1", "x2", "y2"), obj.box, strict=True))
+                found += any(d["label"] == obj.label and iou(d["box"], truth) >= 0.5
+                             for d in dets)
+        total = sum(len(s.objects) for s in scenes)
+        assert found >= 0.8 * total, f"found {found} of {total} shapes"
+    finally:
+        svc.stop()

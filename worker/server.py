@@ -7,6 +7,7 @@ import logging
 import os
 import socket
 import time
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 
 from cvserve.app.queue import JobQueue, WorkerInfo
@@ -24,8 +25,9 @@ TASKS: dict[str, type[Task]] = {"detection": DetectionTask}
 
 
 def default_worker_id() -> str:
-    """The consumer name in each model's group (docs/design.md §2)."""
-    return f"{socket.gethostname()}:{os.getpid()}"
+    """The consumer name in each model's group (docs/design.md §2). The random suffix
+    keeps containers that share a hostname and PID 1 apart."""
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
 
 
 def serving_configs(settings: Settings) -> list[ModelConfig]:
@@ -106,7 +108,10 @@ class Worker:
             self.runners[cfg.name] = ModelRunner(task, self.queue, self.pool)
         for runner in self.runners.values():
             runner.start()
-        await self._announce()
+        try:
+            await self._announce()
+        except Exception as exc:  # the queue is down: the heartbeat keeps trying
+            log.warning("could not announce the worker yet: %s", exc)
         self._heartbeat = asyncio.create_task(self._beat(), name="worker-heartbeat")
 
     def info(self) -> WorkerInfo:
@@ -126,8 +131,9 @@ class Worker:
                 log.warning("heartbeat failed: %s", exc)
 
     async def stop(self) -> None:
-        if self._heartbeat is not None:
+        if self._heartbeat is not None:  # wait it out: a beat in flight would re-register
             self._heartbeat.cancel()
+            await asyncio.gather(self._heartbeat, return_exceptions=True)
         try:
             await self.queue.unregister(self.worker_id)
         except Exception as exc:
