@@ -56,7 +56,7 @@ async def run_worker(settings: Settings) -> None:
         loop.add_signal_handler(sig, stop.set)
     if settings.worker_metrics_port:
         from prometheus_client import start_http_server
-        start_http_server(settings.worker_metrics_port)
+        start_http_server(settings.worker_metrics_port, addr=settings.host)
     await worker.start()
     if not worker.runners:
         log.error("no model could be loaded; the worker has nothing to serve")

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import uuid
 from pathlib import Path
+from typing import Annotated
 
-from pydantic import Field, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
 def default_model_repository() -> Path:
@@ -33,9 +35,9 @@ class Settings(BaseSettings):
 
     # --- models ------------------------------------------------------------------------
     model_repository: Path = Field(default_factory=default_model_repository)
-    models: list[str] = Field(
-        default_factory=list, description="Models a worker serves; empty = every model found"
-    )
+    models: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Models a worker serves, comma-separated; empty = every model found")
     default_detection_model: str | None = None
     auto_build_default: bool = Field(
         default=True, description="Build a random-weight detector when no detector exists"
@@ -65,6 +67,17 @@ class Settings(BaseSettings):
     intra_op_threads: int = Field(default=0, ge=0, description="0 = the number of cores")
     onnx_spinning: bool = False
     worker_metrics_port: int | None = None
+
+    @field_validator("models", mode="before")
+    @classmethod
+    def _split_models(cls, value: object) -> object:
+        """CVSERVE_MODELS=a,b (a JSON list works too)."""
+        if isinstance(value, str):
+            text = value.strip()
+            if text.startswith("["):
+                return json.loads(text)
+            return [name.strip() for name in text.split(",") if name.strip()]
+        return value
 
     @model_validator(mode="after")
     def _check(self) -> Settings:

@@ -24,3 +24,9 @@ def test_request_timeout_above_the_maximum_is_refused() -> None:
 def test_visibility_timeout_must_leave_room_for_a_batch() -> None:
     with pytest.raises(ValidationError, match="visibility_timeout_ms"):
         Settings(visibility_timeout_ms=10)
+
+
+@pytest.mark.parametrize("raw", ["a,b", " a , b ", '["a", "b"]'])
+def test_models_is_a_comma_separated_list(monkeypatch: pytest.MonkeyPatch, raw: str) -> None:
+    monkeypatch.setenv("CVSERVE_MODELS", raw)
+    assert Settings().models == ["a", "b"]

@@ -111,10 +111,13 @@ class ModelRunner:
         while len(batch) < self.max_batch_size and not self.ready.empty():
             batch.append(self.ready.get_nowait())
         if self.max_queue_delay_s > 0 and len(batch) < self.max_batch_size:
-            # Waiting pays only for a model whose throughput grows with batch size; the
-            # delay counts from when the oldest job became ready.
+            # Waiting pays only for a model whose throughput grows with batch size, and only
+            # for jobs already on their way (being decoded): with none, a lone request
+            # would just wait out the delay. The delay counts from now, the oldest job's
+            # readiness.
             deadline = time.monotonic() + self.max_queue_delay_s
-            while len(batch) < self.max_batch_size and (left := deadline - time.monotonic()) > 0:
+            while (len(batch) < self.max_batch_size and self._preparing > 0
+                   and (left := deadline - time.monotonic()) > 0):
                 try:
                     batch.append(await asyncio.wait_for(self.ready.get(), left))
                 except TimeoutError:
