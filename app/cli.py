@@ -86,13 +86,18 @@ def cmd_list(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_train_demo(args: argparse.Namespace, settings: Settings) -> int:
-    from cvserve.models.export import export_detector
+    from cvserve.models.evaluate import evaluate_eager
+    from cvserve.models.export import DEMO_WEIGHTS, build_eager, export_detector
     from cvserve.models.train import train_detector
 
-    ckpt = train_detector("tiny_fasterrcnn", Path(args.checkpoint), steps=args.steps)
+    ckpt = train_detector("tiny_fasterrcnn", Path(args.checkpoint or DEMO_WEIGHTS),
+                          steps=args.steps, seed=args.seed)
+    model, _ = build_eager("tiny_fasterrcnn", str(ckpt))
+    scores = evaluate_eager(model)
+    print(f"held-out box mAP@0.5 {scores['map50']:.3f}, mAP@0.5:0.95 {scores['map']:.3f}")
     path = export_detector("tiny_fasterrcnn", settings.model_repository, weights=str(ckpt),
                            fmt=args.format, name=args.as_name)
-    print(f"wrote {path}")
+    print(f"wrote {ckpt} and {path}")
     return 0
 
 
@@ -119,8 +124,10 @@ def parser() -> argparse.ArgumentParser:
                      help="skip the comparison against the eager model")
     demo = models.add_parser("train-demo", help="train the demo detector on synthetic shapes")
     demo.add_argument("--steps", type=int, default=900)
-    demo.add_argument("--checkpoint", default="demo-detector.ckpt")
-    demo.add_argument("--format", default="onnx", choices=("onnx", "torchscript"))
+    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--checkpoint", default=None,
+                      help="where to write the weights (default: models/demo/detector.pt)")
+    demo.add_argument("--format", default="torchscript", choices=("onnx", "torchscript"))
     demo.add_argument("--as", dest="as_name", default="demo-detector")
     return p
 

@@ -13,8 +13,9 @@ from cvserve.models.synthetic import make_scene
 
 from .conftest import Service, iou
 
-SIZES = [(480, 360), (320, 320), (640, 427), (300, 500), (256, 384), (500, 280),
-         (400, 400), (360, 480)]
+# Photos of a few aspect ratios at many sizes: landscape 4:3, portrait 3:4, square, 16:9.
+SIZES = [(640, 480), (480, 360), (800, 600), (360, 480), (600, 800), (320, 320),
+         (500, 500), (640, 360), (1024, 768), (300, 400), (400, 400), (960, 540)]
 
 
 def detect(url: str, model: str, data: bytes) -> list[dict]:

@@ -1,8 +1,9 @@
 """Dynamic batching for one model: a two-stage pipeline (docs/design.md §3).
 
     intake:   fetch jobs -> decode + preprocess on the thread pool -> `ready`
-    execute:  take what is ready (up to max_batch_size; wait up to max_queue_delay_ms only
-              when the model gains from a larger batch) -> run on the model's own thread ->
+    execute:  take what is ready and batches with the oldest ready job (same batch key, up
+              to max_batch_size; wait up to max_queue_delay_ms only when the model gains
+              from a larger batch) -> run on the model's own thread ->
               postprocess + reply on the thread pool, off the model's critical path
 
 The next jobs are decoded while the model runs the current batch, so CPU work and model
@@ -14,6 +15,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import deque
+from collections.abc import Hashable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -44,7 +47,8 @@ class ModelRunner:
         # Jobs held at once (being decoded or ready): enough to decode one batch ahead.
         self.capacity = 2 * self.max_batch_size
         self.model_thread = ThreadPoolExecutor(1, thread_name_prefix=f"model-{self.name}")
-        self.ready: asyncio.Queue[Prepared] = asyncio.Queue()
+        self.ready: deque[Prepared] = deque()  # oldest first
+        self._readied = asyncio.Event()
         self._preparing = 0
         self._room = asyncio.Event()
         self._tasks: list[asyncio.Task[Any]] = []
@@ -65,7 +69,7 @@ class ModelRunner:
 
     # --- intake ------------------------------------------------------------------------
     def _held(self) -> int:
-        return self._preparing + self.ready.qsize()
+        return self._preparing + len(self.ready)
 
     async def _intake(self) -> None:
         loop = asyncio.get_running_loop()
@@ -97,7 +101,8 @@ class ModelRunner:
         if exc is None:
             item = fut.result()
             metrics.INPUT_SECONDS.labels(self.name).observe(item.timing_ms["preprocess"] / 1000)
-            self.ready.put_nowait(item)
+            self.ready.append(item)
+            self._readied.set()
             return
         if not isinstance(exc, CvserveError):
             log.warning("%s: job %s failed in preprocessing: %r", self.name, job.id, exc)
@@ -107,21 +112,26 @@ class ModelRunner:
 
     # --- execute -----------------------------------------------------------------------
     async def _next_batch(self) -> list[Prepared]:
-        batch = [await self.ready.get()]
-        while len(batch) < self.max_batch_size and not self.ready.empty():
-            batch.append(self.ready.get_nowait())
+        while not self.ready:
+            self._readied.clear()
+            await self._readied.wait()
+        first = self.ready.popleft()
+        key = self.task.batch_key(first)
+        batch = [first]
+        self._take(batch, key)
         if self.max_queue_delay_s > 0 and len(batch) < self.max_batch_size:
             # Waiting pays only for a model whose throughput grows with batch size, and only
             # for jobs already on their way (being decoded): with none, a lone request
-            # would just wait out the delay. The delay counts from now, the oldest job's
-            # readiness.
+            # would just wait out the delay.
             deadline = time.monotonic() + self.max_queue_delay_s
             while (len(batch) < self.max_batch_size and self._preparing > 0
                    and (left := deadline - time.monotonic()) > 0):
+                self._readied.clear()
                 try:
-                    batch.append(await asyncio.wait_for(self.ready.get(), left))
+                    await asyncio.wait_for(self._readied.wait(), left)
                 except TimeoutError:
                     break
+                self._take(batch, key)
         self._room.set()
         live = []
         for item in batch:
@@ -130,6 +140,18 @@ class ModelRunner:
             else:
                 live.append(item)
         return live
+
+    def _take(self, batch: list[Prepared], key: Hashable) -> None:
+        """Move ready jobs that batch with `key` into `batch`, oldest first; the others keep
+        their place for the next batch."""
+        keep: deque[Prepared] = deque()
+        while self.ready:
+            item = self.ready.popleft()
+            if len(batch) < self.max_batch_size and self.task.batch_key(item) == key:
+                batch.append(item)
+            else:
+                keep.append(item)
+        self.ready = keep
 
     async def _execute(self) -> None:
         loop = asyncio.get_running_loop()

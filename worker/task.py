@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from abc import ABC, abstractmethod
+from collections.abc import Hashable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -42,6 +43,10 @@ class Task(ABC):
     @abstractmethod
     def prepare(self, job: Job) -> Prepared:
         """Decode and preprocess one job's payload."""
+
+    def batch_key(self, item: Prepared) -> Hashable:
+        """Jobs run in one batch only when their keys are equal (default: any jobs)."""
+        return None
 
     @abstractmethod
     def run(self, batch: list[Prepared]) -> list[Any]:
