@@ -76,19 +76,21 @@ class RedisQueue(JobQueue):
         self._last_reclaim: dict[str, float] = {}
         self._reclaim_cursor: dict[str, str] = {}
         self._held: dict[tuple[str, str], _Held] = {}  # (stream, entry id) -> job
+        self._closing = False
 
     # --- api side ----------------------------------------------------------------------
     async def start(self) -> None:
         self._reader = asyncio.create_task(self._read_replies(), name="cvserve-reply-reader")
 
     async def close(self) -> None:
-        for task in (self._reader, self._lease):
-            if task is not None:
-                task.cancel()
-                try:
-                    await task
-                except asyncio.CancelledError:
-                    pass
+        self._closing = True
+        tasks = [t for t in (self._reader, self._lease) if t is not None]
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            # Bounded: a client library that turns a cancelled read into a connection
+            # error must not be able to hold shutdown hostage.
+            await asyncio.wait(tasks, timeout=5)
         await self._release_held()
         await super().close()
         try:
@@ -103,7 +105,7 @@ class RedisQueue(JobQueue):
         # written between two reads or while Redis was unreachable. The stream is this
         # process's alone (api_id is unique), so nothing older is in it.
         last_id: bytes | str = "0-0"
-        while True:
+        while not self._closing:
             try:
                 batches = await self.redis.xread({self.reply_stream: last_id}, block=1000,
                                                  count=256)
@@ -119,6 +121,8 @@ class RedisQueue(JobQueue):
                     if ids:
                         await self.redis.xdel(self.reply_stream, *ids)
             except RedisError as exc:  # a dead reader would leave every request to time out
+                if self._closing:
+                    return
                 log.warning("reply reader: %s; retrying", exc)
                 await asyncio.sleep(0.5)
 
@@ -243,7 +247,7 @@ class RedisQueue(JobQueue):
     async def _keep_leases(self) -> None:
         """Refresh the idle time of the jobs this worker holds (decoding, waiting for a
         batch, running), so that a busy worker's jobs are not reclaimed and run twice."""
-        while True:
+        while not self._closing:
             await asyncio.sleep(self.s.visibility_timeout_ms / 3000)
             now = now_ms()
             by_stream: dict[str, list[str]] = {}

@@ -10,9 +10,11 @@ import tomllib
 from pathlib import Path
 
 import pytest
-import torch
 
+from cvserve.app.settings import Settings
 from cvserve.models.export import ExportError, build_eager, export_detector, verify
+from cvserve.worker.backend import load_backend
+from cvserve.worker.repository import load_config
 
 from .conftest import REPO_ROOT
 
@@ -95,4 +97,5 @@ def test_export_command_writes_a_loadable_model(tmp_path: Path) -> None:
     listing = subprocess.run([sys.executable, "-m", "cvserve.app.cli", "models", "list"],
                              env=env, cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
     assert "ssd" in listing.stdout and "ready" in listing.stdout
-    assert torch.jit.load(str(tmp_path / "ssd" / "model.pt")) is not None
+    backend = load_backend(load_config(tmp_path / "ssd"), Settings(device="cpu"))
+    assert backend.platform == "pytorch_libtorch"
