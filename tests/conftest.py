@@ -10,6 +10,7 @@ import sys
 import time
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -129,6 +130,16 @@ class Service:
             self.kill()
 
 
+@contextmanager
+def embedded_service(env: dict[str, str], log_dir: Path) -> Iterator[Service]:
+    """`cvserve run` on a free port, ready, stopped afterwards."""
+    svc = Service("run", env, log_dir, port=free_port()).start()
+    try:
+        yield svc.wait_ready()
+    finally:
+        svc.stop()
+
+
 @pytest.fixture
 def services(tmp_path: Path) -> Iterator[list[Service]]:
     """Start services with `services.append(Service(...).start())`; all stop at the end."""
@@ -162,12 +173,9 @@ def demo_repo(demo_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -
 def demo_service(demo_repo: Path, tmp_path_factory: pytest.TempPathFactory
                  ) -> Iterator[Service]:
     """`cvserve run` serving demo-ts and demo-onnx."""
-    svc = Service("run", {"CVSERVE_MODEL_REPOSITORY": str(demo_repo)},
-                  tmp_path_factory.mktemp("logs"), port=free_port()).start()
-    try:
-        yield svc.wait_ready()
-    finally:
-        svc.stop()
+    with embedded_service({"CVSERVE_MODEL_REPOSITORY": str(demo_repo)},
+                          tmp_path_factory.mktemp("logs")) as svc:
+        yield svc
 
 
 def iou(a: dict, b: dict) -> float:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import struct
 import zlib
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -13,20 +14,17 @@ from PIL import Image
 
 from cvserve.models.synthetic import make_scene
 
-from .conftest import Service, free_port
+from .conftest import Service, embedded_service
 
 UPLOAD_LIMIT = 1_000_000
 
 
 @pytest.fixture(scope="module")
-def service(random_repo: Path, tmp_path_factory: pytest.TempPathFactory):
+def service(random_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
     env = {"CVSERVE_MODEL_REPOSITORY": str(random_repo),
            "CVSERVE_UPLOAD_BYTES": str(UPLOAD_LIMIT), "CVSERVE_IMAGE_PIXELS": "4000000"}
-    svc = Service("run", env, tmp_path_factory.mktemp("logs"), port=free_port()).start()
-    try:
-        yield svc.wait_ready()
-    finally:
-        svc.stop()
+    with embedded_service(env, tmp_path_factory.mktemp("logs")) as svc:
+        yield svc
 
 
 def png_header_only(width: int, height: int) -> bytes:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -11,17 +12,15 @@ from PIL import Image
 
 from cvserve.models.synthetic import make_scene
 
-from .conftest import Service, free_port, iou
+from .conftest import Service, embedded_service, free_port, iou
 
 
 @pytest.fixture(scope="module")
-def embedded(random_repo: Path, tmp_path_factory: pytest.TempPathFactory):
-    svc = Service("run", {"CVSERVE_MODEL_REPOSITORY": str(random_repo)},
-                  tmp_path_factory.mktemp("logs"), port=free_port()).start()
-    try:
-        yield svc.wait_ready()
-    finally:
-        svc.stop()
+def embedded(random_repo: Path, tmp_path_factory: pytest.TempPathFactory
+             ) -> Iterator[Service]:
+    with embedded_service({"CVSERVE_MODEL_REPOSITORY": str(random_repo)},
+                          tmp_path_factory.mktemp("logs")) as svc:
+        yield svc
 
 
 def test_detect_returns_boxes_in_original_pixels_with_timing(embedded: Service) -> None:
