@@ -97,6 +97,8 @@ class ModelRunner:
 
     def _prepared(self, job: Job, fut: asyncio.Future[Prepared]) -> None:
         self._preparing -= 1
+        if fut.cancelled():  # shutting down: the job stays unanswered for another worker
+            return
         exc = fut.exception()
         if exc is None:
             item = fut.result()
