@@ -23,6 +23,7 @@ class SceneObject:
     class_id: int  # 1-based: 0 is background, as in torchvision's detectors
     box: tuple[float, float, float, float]  # x1, y1, x2, y2 of the visible mask, pixels
     mask: np.ndarray  # [H, W] bool, visible pixels
+    colour: tuple[int, int, int]  # RGB fill
 
 
 @dataclass
@@ -80,7 +81,7 @@ def make_scene(seed: int, width: int | None = None, height: int | None = None,
     canvas = Image.fromarray(_background(rng, width, height))
     draw = ImageDraw.Draw(canvas)
     owner = np.full((height, width), -1, dtype=np.int32)  # which object is on top per pixel
-    drawn: list[tuple[str, np.ndarray]] = []
+    drawn: list[tuple[str, np.ndarray, tuple[int, int, int]]] = []
     for i in range(int(rng.integers(1, max_objects + 1))):
         kind = CLASSES[int(rng.integers(len(CLASSES)))]
         r = float(rng.uniform(0.08, 0.22) * min(width, height))
@@ -98,13 +99,13 @@ def make_scene(seed: int, width: int | None = None, height: int | None = None,
             ldraw.polygon(pts, fill=255)
         full = np.asarray(layer) > 0
         owner[full] = i
-        drawn.append((kind, full))
+        drawn.append((kind, full, colour))
     objects = []
-    for i, (kind, full) in enumerate(drawn):
+    for i, (kind, full, colour) in enumerate(drawn):
         visible = owner == i
         if visible.sum() < min_visible * max(full.sum(), 1):
             continue
         ys, xs = np.nonzero(visible)
         box = (float(xs.min()), float(ys.min()), float(xs.max() + 1), float(ys.max() + 1))
-        objects.append(SceneObject(kind, CLASSES.index(kind) + 1, box, visible))
+        objects.append(SceneObject(kind, CLASSES.index(kind) + 1, box, visible, colour))
     return Scene(canvas, objects)
