@@ -105,14 +105,8 @@ class JobQueue(ABC):
         self._waiting.clear()
 
     async def submit(self, job: Job) -> asyncio.Future[Reply]:
-        """Enqueue a job; the future resolves with its reply. Raises Overloaded when full."""
-        depth = await self.depth(job.model)
-        if depth >= self.max_queue:
-            raise Overloaded(
-                f"model '{job.model}' has {depth} queued jobs (max_queue={self.max_queue}); "
-                "retry later or raise CVSERVE_MAX_QUEUE",
-                retry_after_s=self.retry_after_s,
-            )
+        """Enqueue a job; the future resolves with its reply. Raises Overloaded when full
+        (each queue checks `max_queue` in the same step as it adds the job)."""
         fut: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
         self._waiting[job.id] = fut
         try:
@@ -121,6 +115,11 @@ class JobQueue(ABC):
             self._waiting.pop(job.id, None)
             raise
         return fut
+
+    def overloaded(self, model: str, depth: int) -> Overloaded:
+        return Overloaded(f"model '{model}' has {depth} queued jobs (max_queue="
+                          f"{self.max_queue}); retry later or raise CVSERVE_MAX_QUEUE",
+                          retry_after_s=self.retry_after_s)
 
     def forget(self, job_id: str) -> None:
         """Stop waiting for a job (its client left or its deadline passed)."""
@@ -179,6 +178,9 @@ class MemoryQueue(JobQueue):
         return self._arrived.setdefault(model, asyncio.Event())
 
     async def _enqueue(self, job: Job) -> None:
+        depth = await self.depth(job.model)  # no await inside: check and add are one step
+        if depth >= self.max_queue:
+            raise self.overloaded(job.model, depth)
         self._jobs.setdefault(job.model, deque()).append(job)
         self._event(job.model).set()
 

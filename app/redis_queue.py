@@ -150,10 +150,7 @@ class RedisQueue(JobQueue):
         if not added:
             if payload_key is not None:
                 await self.redis.delete(payload_key)
-            raise Overloaded(
-                f"model '{job.model}' has {depth_or_id} queued jobs (max_queue="
-                f"{self.max_queue}); retry later or raise CVSERVE_MAX_QUEUE",
-                retry_after_s=self.retry_after_s)
+            raise self.overloaded(job.model, int(depth_or_id))
 
     async def depth(self, model: str) -> int:
         return int(await self.redis.xlen(self.s.key("jobs", model)))
