@@ -39,6 +39,9 @@ IMAGE_BODY = {"requestBody": {"required": True, "content": {
         "file": {"type": "string", "format": "binary"}}}},
     "image/*": {"schema": {"type": "string", "format": "binary"}},
 }}}
+# A task's default model, when none is configured: real weights before the demo's
+# before random ones, then by name.
+WEIGHTS_RANK = {"pretrained": 0, "demo": 1, "random": 2}
 ERRORS = {code: {"model": ErrorResponse} for code in (400, 404, 413, 415, 503, 504)}
 
 
@@ -82,7 +85,8 @@ class ModelDirectory:
             if not candidates:
                 raise Overloaded(f"no live worker serves a {task} model; start a worker "
                                  "(`cvserve worker`) or check its log", retry_after_s=5)
-            return candidates[0].name
+            return min(candidates, key=lambda m: (WEIGHTS_RANK.get(m.weights_kind, 0),
+                                                  m.name)).name
         if name not in models:
             raise ModelNotFound(f"model '{name}' is not served by any live worker (served: "
                                 f"{', '.join(models) or 'none'}); GET /models lists them")

@@ -88,6 +88,23 @@ def cmd_list(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def cmd_pull(args: argparse.Namespace, settings: Settings) -> int:
+    from cvserve.models.catalog import CATALOG, CatalogError, install
+
+    names = list(CATALOG) if args.name == "all" else [args.name]
+    failed = 0
+    for name in names:
+        try:
+            path = install(name, settings.model_repository, settings.model_mirror,
+                           force=args.force)
+        except CatalogError as exc:
+            print(f"cvserve models pull: {exc}", file=sys.stderr)
+            failed += 1
+            continue
+        print(f"installed {name} in {path}")
+    return 1 if failed else 0
+
+
 def cmd_train_demo(args: argparse.Namespace, settings: Settings) -> int:
     from cvserve.models.evaluate import evaluate_eager
     from cvserve.models.export import DEMO_WEIGHTS, build_eager, export_detector
@@ -125,6 +142,12 @@ def parser() -> argparse.ArgumentParser:
     exp.add_argument("--num-classes", type=int, default=None)
     exp.add_argument("--no-check", action="store_true",
                      help="skip the comparison against the eager model")
+    pull = models.add_parser(
+        "pull", help="install a real pretrained model (from CVSERVE_MODEL_MIRROR, else its "
+                     "official source); sha256-checked")
+    pull.add_argument("name", help="a catalog name (yolox-nano, deeplabv3-mobilenetv2-voc, "
+                                   "i3d-kinetics400) or 'all'")
+    pull.add_argument("--force", action="store_true", help="replace an installed copy")
     demo = models.add_parser("train-demo", help="train the demo detector on synthetic shapes")
     demo.add_argument("--steps", type=int, default=900)
     demo.add_argument("--seed", type=int, default=0)
@@ -145,7 +168,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     handlers = {"run": cmd_run, "api": cmd_api, "worker": cmd_worker}
     if args.command == "models":
-        handlers = {"export": cmd_export, "list": cmd_list, "train-demo": cmd_train_demo}
+        handlers = {"export": cmd_export, "list": cmd_list, "pull": cmd_pull,
+                    "train-demo": cmd_train_demo}
         return handlers[args.models_command](args, settings)
     return handlers[args.command](args, settings)
 

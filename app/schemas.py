@@ -62,11 +62,18 @@ class ModelInfo(BaseModel):
     device: str | None = None
     architecture: str | None = None
     weights: str
+    weights_kind: str = Field(
+        "pretrained", description="pretrained | demo | random: a task's default is the "
+                                  "first kind served, in that order")
     labels: list[str] = Field(default_factory=list)
     input: dict[str, Any]
+    output: dict[str, Any] = Field(default_factory=dict)
     batching: dict[str, Any]
     thresholds: dict[str, Any] = Field(default_factory=dict)
     batch_sizes: list[int] | None = None
+    batch_mode: str = Field("dynamic", description="dynamic | dynamic (made symbolic, "
+                                                  "verified) | fixed N | one graph per "
+                                                  "batch size")
     workers: list[str] = Field(default_factory=list, description="Live workers serving it")
 
 

@@ -38,6 +38,10 @@ class Settings(BaseSettings):
     models: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
         description="Models a worker serves, comma-separated; empty = every model found")
+    model_mirror: Path | None = Field(
+        default=None,
+        description="A folder holding the catalog's real models (`cvserve models pull`) so "
+                    "they install offline; checked by sha256 like a download")
     default_detection_model: str | None = None
     auto_build_default: bool = Field(
         default=True, description="Build a random-weight detector when no detector exists"

@@ -143,6 +143,15 @@ def _input_spec(model: nn.Module) -> dict:
     return spec
 
 
+def weights_kind(weights: str) -> str:
+    """pretrained | demo | random, for the choice of a task's default model."""
+    if weights == "random":
+        return "random"
+    if weights != "default" and Path(weights).resolve() == DEMO_WEIGHTS.resolve():
+        return "demo"
+    return "pretrained"
+
+
 def _toml_value(v: object) -> str:
     if isinstance(v, bool):
         return str(v).lower()
@@ -298,8 +307,9 @@ def export_detector(arch: str, repository: Path, *, weights: str = "default",
             batching["batch_sizes"] = sizes
         write_model_toml(out / "model.toml", {
             "task": "detection", "backend": fmt, "file": file,
-            "decoder": "torchvision-detection", "architecture": arch,
+            "architecture": arch,
             "weights": provenance.get(weights, f"checkpoint {Path(weights).name}"),
+            "weights_kind": weights_kind(weights),
             "labels": "labels.txt",
         }, {"input": _input_spec(model), "batching": batching,
             "thresholds": {"score_threshold": 0.5,

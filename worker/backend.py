@@ -31,6 +31,9 @@ class Backend(ABC):
         self.cfg = cfg
         # Sizes the artifact accepts; None means any.
         self.batch_sizes: list[int] | None = None
+        # The most images worth putting in one batch (a graph fixed at batch 1: 1).
+        self.batch_limit: int | None = None
+        self.batch_mode = "dynamic"
 
     def run(self, inputs: Arrays) -> Arrays:
         """Run a batch; pads up to an accepted batch size and slices the outputs back."""
@@ -53,7 +56,7 @@ class Backend(ABC):
 
     def describe(self) -> dict:
         return {"platform": self.platform, "device": self.device,
-                "batch_sizes": self.batch_sizes}
+                "batch_sizes": self.batch_sizes, "batch_mode": self.batch_mode}
 
 
 def load_backend(cfg: ModelConfig, settings: Settings) -> Backend:

@@ -42,7 +42,8 @@ class ModelRunner:
         self.queue = queue
         self.pool = pool
         self.name = task.cfg.name
-        self.max_batch_size = task.cfg.batching.max_batch_size
+        self.max_batch_size = min(task.cfg.batching.max_batch_size,
+                                  task.backend.batch_limit or task.cfg.batching.max_batch_size)
         self.max_queue_delay_s = task.cfg.batching.max_queue_delay_ms / 1000
         # Jobs held at once (being decoded or ready): enough to decode one batch ahead.
         self.capacity = 2 * self.max_batch_size

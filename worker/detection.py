@@ -1,12 +1,22 @@
-"""Object detection: torchvision-style detectors (Faster R-CNN, RetinaNet, SSD, FCOS).
+"""Object detection, for two kinds of artifact.
 
-The artifact is the detector's *core* (backbone, heads, box decoding, NMS) exported by
+torchvision detectors (Faster R-CNN, RetinaNet, SSD, FCOS; `resize = "rcnn"`): the artifact
+is the detector's *core* (backbone, heads, box decoding, NMS) exported by
 cvserve.models.export; resizing, normalizing and mapping boxes back run here with
 torchvision's own GeneralizedRCNNTransform, so a served result equals the eager model's.
 
     prepare:  decode -> float [0,1] -> normalize -> resize       (per image, thread pool)
     run:      pad to a common size -> core -> boxes in resized px (per batch, model thread)
     finish:   boxes back to original px -> threshold -> JSON / PNG (per image, thread pool)
+
+Models as their exporters left them (YOLOX, YOLOv5/v8, DETR; any other `resize`): the
+declared preprocessing (worker/preprocess.py) brings every image to the fixed input
+size, the raw outputs are decoded per image by the named decoder (worker/decoders.py,
+with NMS where the model has none), and the recorded geometry maps boxes back.
+
+    prepare:  decode -> resize/letterbox/crop -> colours, scale, layout (thread pool)
+    run:      stack -> model -> raw outputs, split per image         (model thread)
+    finish:   decode + NMS at the request's threshold -> original px  (thread pool)
 """
 
 from __future__ import annotations
@@ -20,7 +30,9 @@ from torchvision.utils import draw_bounding_boxes
 
 from cvserve.app.queue import Job
 
+from . import decoders
 from .imaging import decode_rgb, encode_png
+from .preprocess import preprocess
 from .task import Prepared, Task
 
 
@@ -35,27 +47,41 @@ class DetectionTask(Task):
         ).eval()
         self.labels = self.cfg.label_names()
 
+    @property
+    def rcnn(self) -> bool:
+        return self.cfg.input.resize == "rcnn"
+
     def prepare(self, job: Job) -> Prepared:
         image, info = decode_rgb(job.payload, self.settings.image_pixels)
+        keep = image if job.params.get("render") == "png" else None
+        if not self.rcnn:
+            x, geometry = preprocess(image, self.cfg.input)
+            return Prepared(job, x, {"original_size": (info.height, info.width),
+                                     "geometry": geometry, "image": keep})
         x = image.to(torch.float32).mul_(self.cfg.input.scale)
         if self.cfg.input.color == "BGR":
             x = x.flip(0)
         x = self.transform.normalize(x)
         x, _ = self.transform.resize(x, None)  # [3, h, w] float, model pixels
         meta = {"original_size": (info.height, info.width), "resized_size": tuple(x.shape[-2:]),
-                "image": image if job.params.get("render") == "png" else None}
+                "image": keep}
         return Prepared(job, x, meta)
 
-    def batch_key(self, item: Prepared) -> tuple[int, int]:
+    def batch_key(self, item: Prepared) -> tuple[int, int] | None:
         """The padded input shape. Batching only images that pad to the same shape keeps a
         batched result equal to the unbatched one (and to eager torchvision): a
         convolution near an image's edge sees that image's own padding either way. Photos
-        of one aspect ratio share a key whatever their size."""
+        of one aspect ratio share a key whatever their size. Fixed-size models: any."""
+        if not self.rcnn:
+            return None
         d = self.cfg.input.size_divisible
         h, w = item.meta["resized_size"]
         return (-(-h // d) * d, -(-w // d) * d)
 
     def run(self, batch: list[Prepared]) -> list[dict[str, np.ndarray]]:
+        if not self.rcnn:
+            out = self.backend.run({self.cfg.inputs[0]: np.stack([p.inputs for p in batch])})
+            return [{k: v[i] for k, v in out.items()} for i in range(len(batch))]
         images = self.transform.batch_images([p.inputs for p in batch],
                                              self.cfg.input.size_divisible)
         sizes = np.array([p.meta["resized_size"] for p in batch], dtype=np.int64)
@@ -71,23 +97,51 @@ class DetectionTask(Task):
         params = item.job.params
         threshold = float(params.get("score_threshold", self.cfg.thresholds.score_threshold))
         max_det = int(params.get("max_detections", self.cfg.thresholds.max_detections))
-        boxes = resize_boxes(torch.from_numpy(output["boxes"]), list(item.meta["resized_size"]),
-                             list(item.meta["original_size"]))  # [N, 4] xyxy, original px
-        scores, class_ids = output["scores"], output["labels"]
-        keep = np.flatnonzero(scores >= threshold)[:max_det]  # the core sorts by score
+        if self.rcnn:
+            boxes = resize_boxes(torch.from_numpy(output["boxes"]),
+                                 list(item.meta["resized_size"]),
+                                 list(item.meta["original_size"]))  # [N, 4] xyxy, original px
+            scores, class_ids = output["scores"], output["labels"]
+            keep = np.flatnonzero(scores >= threshold)[:max_det]  # the core sorts by score
+            boxes, scores, class_ids = boxes[keep], scores[keep], class_ids[keep]
+        else:
+            found = self._decode(output, threshold, max_det)
+            boxes = torch.from_numpy(item.meta["geometry"].boxes_to_original(found.boxes))
+            scores, class_ids = found.scores, found.class_ids
         detections = [
             {"label": self._label(int(class_ids[i])), "class_id": int(class_ids[i]),
              "score": round(float(scores[i]), 5),
              "box": dict(zip(("x1", "y1", "x2", "y2"),
                              (round(float(v), 2) for v in boxes[i].tolist()), strict=True))}
-            for i in keep
+            for i in range(len(scores))
         ]
         height, width = item.meta["original_size"]
         result = {"detections": detections, "image": {"width": width, "height": height}}
         body = None
         if params.get("render") == "png":
-            body = encode_png(self._draw(item.meta["image"], boxes[keep], detections))
+            body = encode_png(self._draw(item.meta["image"], boxes, detections))
         return result, body
+
+    def _decode(self, output: dict[str, np.ndarray], threshold: float,
+                max_det: int) -> decoders.Detections:
+        """Raw outputs of one image -> detections in model-input pixels."""
+        spec, hw = self.cfg.output, tuple(self.cfg.input.size)  # type: ignore[arg-type]
+        first = output[self.cfg.outputs[0]]
+        name = spec.decoder
+        if name == "yolox":
+            return decoders.decode_yolox(first, hw, spec, threshold, max_det)
+        if name == "yolov5":
+            return decoders.decode_yolov5(first, hw, spec, threshold, max_det)
+        if name == "yolov8":
+            return decoders.decode_yolov8(first, hw, spec, threshold, max_det,
+                                          len(self.labels))
+        if name == "yolov8-seg":
+            return decoders.decode_yolov8_seg(first, output[self.cfg.outputs[1]], hw, spec,
+                                              threshold, max_det, len(self.labels))
+        if name == "detr":
+            return decoders.decode_detr(first, output[self.cfg.outputs[1]], hw, spec,
+                                        threshold, max_det)
+        raise ValueError(f"model {self.cfg.name}: decoder '{name}' does not give detections")
 
     def _label(self, class_id: int) -> str:
         if 0 <= class_id < len(self.labels):

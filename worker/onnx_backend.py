@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
+import numpy as np
+import onnx
 import onnxruntime as ort
 
 from cvserve.app.settings import Settings
@@ -45,12 +48,43 @@ class OnnxBackend(Backend):
             log.info("%s: onnxruntime has no GPU provider; running on the CPU", cfg.name)
         if "{batch}" in cfg.file:
             self.batch_sizes = list(cfg.batching.batch_sizes or [1])
-            paths = {b: cfg.artifact(b) for b in self.batch_sizes}
+            self.batch_mode = "one graph per batch size"
+            self.sessions = {b: ort.InferenceSession(str(cfg.artifact(b)), opts,
+                                                     providers=providers)
+                             for b in self.batch_sizes}
         else:
-            paths = {0: cfg.artifact()}
-        self.sessions = {b: ort.InferenceSession(str(p), opts, providers=providers)
-                         for b, p in paths.items()}
+            self.sessions = {0: self._load_single(cfg.artifact(), opts, providers)}
         self.providers = providers
+
+    def _load_single(self, path: Path, opts: ort.SessionOptions,
+                     providers: list[str]) -> ort.InferenceSession:
+        """One graph. A batch dimension fixed at N is served at N (a batch is padded up, or
+        split); fixed at 1 with batching asked for, it is made symbolic when the rewritten
+        graph gives, item for item, what the original gives, else served one at a time."""
+        sess = ort.InferenceSession(str(path), opts, providers=providers)
+        dim = sess.get_inputs()[0].shape[0]
+        if not isinstance(dim, int):
+            self.batch_mode = "dynamic"
+            return sess
+        self.batch_sizes = [dim]
+        self.batch_mode = f"fixed {dim}"
+        if dim != 1 or self.cfg.batching.max_batch_size == 1:
+            self.batch_limit = dim
+            return sess
+        if self.cfg.batching.symbolic_batch:
+            candidate = ort.InferenceSession(symbolic_batch(onnx.load(str(path))), opts,
+                                             providers=providers)
+            problem = compare_batched(sess, candidate, self.cfg)
+            if problem is None:
+                log.info("%s: batch dimension made symbolic (checked against the fixed "
+                         "graph)", self.cfg.name)
+                self.batch_sizes, self.batch_mode = None, "dynamic (made symbolic, verified)"
+                return candidate
+            log.warning("%s: graph has a fixed batch of 1 and making it symbolic changed "
+                        "its outputs (%s); serving one image at a time", self.cfg.name,
+                        problem)
+        self.batch_limit = 1
+        return sess
 
     def _run(self, inputs: Arrays) -> Arrays:
         n = next(iter(inputs.values())).shape[0]
@@ -60,3 +94,60 @@ class OnnxBackend(Backend):
 
     def describe(self) -> dict:
         return {**super().describe(), "providers": self.providers}
+
+
+def symbolic_batch(model: onnx.ModelProto) -> bytes:
+    """A copy of a fixed-batch graph whose inputs' and outputs' first dimension is
+    symbolic. Reshape targets that hard-code the batch as a leading 1 are set to 0 (ONNX:
+    "copy this dimension from the input"); stale intermediate shapes are dropped. A
+    heuristic: `compare_batched` decides whether the result may be used."""
+    graph = model.graph
+    for value in (*graph.input, *graph.output):
+        dims = value.type.tensor_type.shape.dim
+        if dims:
+            dims[0].ClearField("dim_value")
+            dims[0].dim_param = "batch"
+    del graph.value_info[:]
+    constants = {t.name: t for t in graph.initializer}
+    constants.update({n.output[0]: n.attribute[0].t for n in graph.node
+                      if n.op_type == "Constant" and n.attribute
+                      and n.attribute[0].name == "value"})
+    for node in graph.node:
+        if node.op_type == "Reshape" and node.input[1] in constants:
+            tensor = constants[node.input[1]]
+            shape = onnx.numpy_helper.to_array(tensor)
+            if shape.ndim == 1 and shape.size > 1 and shape[0] == 1:
+                shape = shape.copy()
+                shape[0] = 0
+                tensor.CopyFrom(onnx.numpy_helper.from_array(shape, tensor.name))
+    return model.SerializeToString()
+
+
+def compare_batched(fixed: ort.InferenceSession, batched: ort.InferenceSession,
+                    cfg: ModelConfig, batch: int = 3) -> str | None:
+    """None when `batched` run on `batch` different inputs gives what `fixed` gives on
+    each alone; otherwise what differed."""
+    rng = np.random.default_rng(0)
+    spec = cfg.input
+    lo = min((0 * spec.scale - m) / s for m, s in zip(spec.mean, spec.std, strict=True))
+    hi = max((255 * spec.scale - m) / s for m, s in zip(spec.mean, spec.std, strict=True))
+    feeds = {}
+    for inp in fixed.get_inputs():
+        shape = [d if isinstance(d, int) else 1 for d in inp.shape][1:]
+        dtype = np.float32 if "float" in inp.type else np.int64
+        feeds[inp.name] = rng.uniform(lo, hi, size=(batch, *shape)).astype(dtype)
+    try:
+        together = batched.run(None, feeds)
+    except Exception as exc:  # onnxruntime raises its own types for shape errors
+        return f"batch of {batch} failed: {exc}"
+    for i in range(batch):
+        alone = fixed.run(None, {k: v[i:i + 1] for k, v in feeds.items()})
+        for name, a, b in zip((o.name for o in fixed.get_outputs()), alone, together,
+                              strict=True):
+            if b.shape[0] != batch or b.shape[1:] != a.shape[1:]:
+                return f"output {name}: shape {list(b.shape)} for a batch of {batch}, " \
+                       f"{list(a.shape)} alone"
+            scale = float(np.abs(a).max()) or 1.0
+            if not np.allclose(b[i:i + 1], a, rtol=1e-3, atol=1e-4 * scale):
+                return f"output {name} differs by {float(np.abs(b[i:i + 1] - a).max()):.3g}"
+    return None

@@ -7,7 +7,7 @@ import tomllib
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from cvserve.app.errors import ModelNotFound
 
@@ -18,29 +18,95 @@ TASKS = ("detection", "instance-segmentation", "semantic-segmentation", "classif
 
 
 class InputSpec(BaseModel):
-    """How an image becomes the model's input tensor."""
+    """How an image becomes the model's input tensor, written out so that a model exported
+    by anyone is served as it is (no code per model).
 
+    The order of operations: decode to upright RGB uint8 -> resize (`resize` mode) ->
+    colour order -> x * scale -> (x - mean) / std -> layout -> dtype.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    layout: Literal["NCHW", "NHWC"] = "NCHW"
     color: Literal["RGB", "BGR"] = "RGB"
     scale: float = 1 / 255  # pixel value multiplier applied before mean/std
     mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
-    # "rcnn": torchvision's GeneralizedRCNNTransform (shorter side to min_size, longer side
-    # at most max_size, or exactly fixed_size), batch padded to a multiple of size_divisible.
-    resize: Literal["rcnn"] = "rcnn"
+    dtype: Literal["float32", "float16", "uint8"] = "float32"
+    # rcnn:        torchvision's GeneralizedRCNNTransform (shorter side to min_size, longer
+    #              side at most max_size, or exactly fixed_size); variable input size,
+    #              batch padded to a multiple of size_divisible.
+    # stretch:     resize to `size`, aspect ratio not kept.
+    # letterbox:   scale by min(size / image) keeping the aspect ratio, paste at `anchor`,
+    #              fill the rest with `pad_value` (YOLO).
+    # center-crop: shorter side to `resize_shorter` (default: max(size)), then crop `size`
+    #              from the centre (ImageNet classifiers).
+    resize: Literal["rcnn", "stretch", "letterbox", "center-crop"] = "rcnn"
+    size: tuple[int, int] | None = None  # (height, width) for all but rcnn
+    pad_value: float = 114.0  # letterbox fill, in 0-255 pixel units (before scale)
+    anchor: Literal["top-left", "center"] = "top-left"
+    resize_shorter: int | None = None
+    # Pillow-style antialiasing when shrinking. Off matches OpenCV's INTER_LINEAR, which
+    # most exporters (YOLOX, YOLOv5/v8) preprocess with; on matches torchvision's resize.
+    antialias: bool = False
+    # rcnn only:
     min_size: int = 800
     max_size: int = 1333
     fixed_size: tuple[int, int] | None = None  # (height, width)
     size_divisible: int = 32
 
+    @model_validator(mode="after")
+    def _check(self) -> InputSpec:
+        if self.resize != "rcnn" and self.size is None:
+            raise ValueError(f"resize = '{self.resize}' needs size = [height, width]")
+        if any(v <= 0 for v in self.std):
+            raise ValueError("std must be positive")
+        return self
+
+
+DECODERS = ("torchvision-detection", "yolox", "yolov5", "yolov8", "yolov8-seg", "detr",
+            "semantic-logits", "classification-logits")
+_BOXES = ("torchvision-detection", "yolox", "yolov5", "yolov8", "yolov8-seg", "detr")
+DECODERS_FOR = {"detection": _BOXES, "instance-segmentation": _BOXES,
+                "semantic-segmentation": ("semantic-logits",),
+                "classification": ("classification-logits",),
+                "video-classification": ("classification-logits",),
+                "temporal-localization": ("classification-logits",)}
+
+
+class OutputSpec(BaseModel):
+    """Which decoder turns the raw outputs into results, and its options."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    decoder: Literal[DECODERS] = "torchvision-detection"  # type: ignore[valid-type]
+    # YOLO family
+    strides: list[int] = [8, 16, 32]  # yolox: the grid strides, in output order
+    sigmoid: bool = False  # apply sigmoid to objectness/class outputs (raw-logit exports)
+    nms_iou: float = Field(default=0.45, ge=0, le=1)
+    class_agnostic_nms: bool = False
+    max_candidates: int = Field(default=30_000, ge=1)  # boxes into NMS, best first
+    # DETR: "softmax" over classes + a trailing no-object class (DETR), or "sigmoid" per
+    # class with no no-object column (Deformable / RT-DETR). Classification: likewise,
+    # or "none" for outputs that already are probabilities.
+    activation: Literal["softmax", "sigmoid", "none"] = "softmax"
+    layout: Literal["NCHW", "NHWC"] = "NCHW"  # semantic logits
+    features: str | None = None  # classification: output holding the last feature map (CAM)
+
 
 class BatchingSpec(BaseModel):
     """Triton's dynamic-batching knobs (docs/design.md §3)."""
+
+    model_config = ConfigDict(extra="forbid")
 
     max_batch_size: int = Field(default=1, ge=1)
     max_queue_delay_ms: float = Field(default=0.0, ge=0)
     # Batch sizes the artifact accepts when it cannot take any (one ONNX file per size);
     # the backend pads a batch up to the next one. None: any size up to max_batch_size.
     batch_sizes: list[int] | None = None
+    # An ONNX graph fixed at batch 1: try making its batch dimension symbolic (used only
+    # when the result matches the original graph image for image).
+    symbolic_batch: bool = True
 
     @model_validator(mode="after")
     def _check(self) -> BatchingSpec:
@@ -54,6 +120,10 @@ class BatchingSpec(BaseModel):
 
 
 class Thresholds(BaseModel):
+    """Per-model defaults a request may override."""
+
+    model_config = ConfigDict(extra="forbid")
+
     score_threshold: float = Field(default=0.5, ge=0, le=1)
     max_detections: int = Field(default=100, ge=1)
 
@@ -61,20 +131,43 @@ class Thresholds(BaseModel):
 class ModelConfig(BaseModel):
     """One model.toml. `file` may hold `{batch}` for per-batch-size artifacts."""
 
+    model_config = ConfigDict(extra="forbid")
+
     name: str
     task: Literal[TASKS]  # type: ignore[valid-type]
     backend: Literal["onnx", "torchscript"]
     file: str
-    decoder: Literal["torchvision-detection"] = "torchvision-detection"
     architecture: str | None = None
     weights: str = "unknown"  # provenance shown in /models: pretrained, random, checkpoint
+    # Which model answers a task by default: pretrained before demo before random.
+    weights_kind: Literal["pretrained", "demo", "random"] = "pretrained"
     labels: str | None = "labels.txt"
     inputs: list[str] = ["images", "image_sizes"]
     outputs: list[str] = ["boxes", "scores", "labels", "counts"]
     input: InputSpec = InputSpec()
+    output: OutputSpec = OutputSpec()
     batching: BatchingSpec = BatchingSpec()
     thresholds: Thresholds = Thresholds()
     path: Path = Path(".")
+
+    @model_validator(mode="after")
+    def _check(self) -> ModelConfig:
+        decoder, resize = self.output.decoder, self.input.resize
+        if decoder not in DECODERS_FOR[self.task]:
+            raise ValueError(f"decoder '{decoder}' does not fit task '{self.task}' (use one "
+                             f"of: {', '.join(DECODERS_FOR[self.task])})")
+        if (decoder == "torchvision-detection") != (resize == "rcnn"):
+            raise ValueError("resize = 'rcnn' goes with decoder 'torchvision-detection' (the "
+                             f"exported torchvision core), and only with it; got resize "
+                             f"'{resize}', decoder '{decoder}'")
+        needs = 2 if decoder in ("yolov8-seg", "detr") else 1
+        if len(self.outputs) < needs:
+            raise ValueError(f"decoder '{decoder}' reads {needs} outputs; outputs = "
+                             f"{self.outputs}")
+        shorter, size = self.input.resize_shorter, self.input.size
+        if resize == "center-crop" and shorter is not None and size and shorter < max(size):
+            raise ValueError(f"resize_shorter {shorter} is smaller than the crop {size}")
+        return self
 
     def artifact(self, batch_size: int | None = None) -> Path:
         name = self.file.format(batch=batch_size) if "{batch}" in self.file else self.file
@@ -94,8 +187,10 @@ class ModelConfig(BaseModel):
         return {
             "name": self.name, "task": self.task, "backend": self.backend,
             "architecture": self.architecture, "weights": self.weights,
+            "weights_kind": self.weights_kind,
             "labels": self.label_names(),
             "input": self.input.model_dump(mode="json"),
+            "output": self.output.model_dump(mode="json"),
             "batching": self.batching.model_dump(mode="json"),
             "thresholds": self.thresholds.model_dump(mode="json"),
         }

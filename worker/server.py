@@ -34,6 +34,7 @@ def serving_configs(settings: Settings) -> list[ModelConfig]:
     """The models this worker serves: CVSERVE_MODELS, or every built model in the
     repository. With no detector at all, one is built (random weights when offline) so
     that the quick start always answers."""
+    install_from_mirror(settings)
     repo = ModelRepository(settings.model_repository)
     configs = repo.configs()
     if settings.models:
@@ -46,6 +47,24 @@ def serving_configs(settings: Settings) -> list[ModelConfig]:
             and not settings.models:
         configs.append(build_default_detector(settings))
     return configs
+
+
+def install_from_mirror(settings: Settings) -> None:
+    """Real models in the mirror (`model_mirror`) that this worker can serve are installed
+    into the repository first, so they become their tasks' defaults (docs/design.md §9)."""
+    if settings.model_mirror is None:
+        return
+    from cvserve.models.catalog import CATALOG, CatalogError, available, install
+
+    for name, entry in CATALOG.items():
+        if entry.task not in TASKS or (settings.models and name not in settings.models):
+            continue
+        if available(name, settings.model_repository, settings.model_mirror) != "mirror":
+            continue
+        try:
+            install(name, settings.model_repository, settings.model_mirror, download=False)
+        except CatalogError as exc:
+            log.error("could not install %s from the mirror: %s", name, exc)
 
 
 def build_default_detector(settings: Settings) -> ModelConfig:

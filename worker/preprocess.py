@@ -1,0 +1,126 @@
+"""Image preprocessing as model.toml declares it, and the geometry that undoes it.
+
+A real model arrives in its exporter's conventions (../shared/models/README.md): a fixed
+input size reached by stretching, letterboxing or centre-cropping; RGB or BGR; 0-255 or
+normalized; NCHW or NHWC. `preprocess` applies the declared convention and returns a
+`Geometry` that maps the model's coordinates back to the upright image the user sent.
+
+    decode (imaging.py) -> resize -> colour order -> x * scale -> (x - mean) / std
+                        -> layout -> dtype
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .repository import InputSpec
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """model pixel = original pixel * scale + offset, per axis (x, y)."""
+
+    original_hw: tuple[int, int]
+    input_hw: tuple[int, int]
+    scale_xy: tuple[float, float]
+    offset_xy: tuple[float, float]
+
+    def boxes_to_original(self, boxes: np.ndarray) -> np.ndarray:
+        """# [N, 4] xyxy model pixels -> [N, 4] xyxy original pixels.
+
+        Not clipped to the image: the reference pipelines (YOLOX's demo among them) report
+        a box as the model predicts it, and the listed expected values follow them.
+        """
+        (sx, sy), (ox, oy) = self.scale_xy, self.offset_xy
+        out = np.asarray(boxes, dtype=np.float32).copy()
+        out[:, 0::2] = (out[:, 0::2] - ox) / sx
+        out[:, 1::2] = (out[:, 1::2] - oy) / sy
+        return out
+
+    def map_to_original(self, values: torch.Tensor, mode: str = "nearest") -> torch.Tensor:
+        """# [..., H_in, W_in] model-input map -> [..., h, w] on the original image.
+
+        The inverse warp, sampled at each original pixel's centre: letterbox padding
+        falls away, a centre crop leaves the uncovered border at the nearest edge value.
+        """
+        h, w = self.original_hw
+        (sx, sy), (ox, oy) = self.scale_xy, self.offset_xy
+        ys = (torch.arange(h, dtype=torch.float32) + 0.5) * sy + oy  # model px, centres
+        xs = (torch.arange(w, dtype=torch.float32) + 0.5) * sx + ox
+        in_h, in_w = values.shape[-2:]
+        # grid_sample's normalized coords with align_corners=False: -1 / 1 = outer edges.
+        gy = ys / in_h * 2 - 1
+        gx = xs / in_w * 2 - 1
+        grid = torch.stack(torch.meshgrid(gy, gx, indexing="ij")[::-1], dim=-1)[None]
+        lead = values.shape[:-2]
+        flat = values.reshape(1, -1, in_h, in_w)
+        dtype = flat.dtype
+        out = F.grid_sample(flat.float(), grid, mode=mode, padding_mode="border",
+                            align_corners=False)
+        return out.to(dtype).reshape(*lead, h, w)
+
+
+def resize_uint8(image: torch.Tensor, hw: tuple[int, int], antialias: bool) -> torch.Tensor:
+    """# [3, h, w] uint8 -> [3, H, W] uint8, bilinear, half-pixel centres.
+
+    Without antialiasing this is OpenCV's INTER_LINEAR (what YOLO exporters preprocess
+    with); with it, Pillow's / torchvision's bilinear. Rounded back to uint8 as both do.
+    """
+    if tuple(image.shape[-2:]) == tuple(hw):
+        return image
+    x = F.interpolate(image[None].float(), size=hw, mode="bilinear", align_corners=False,
+                      antialias=antialias)[0]
+    return x.round_().clamp_(0, 255).to(torch.uint8)
+
+
+def fit(image_hw: tuple[int, int], spec: InputSpec) -> tuple[tuple[int, int], Geometry]:
+    """Where the image lands in the model input: (resized size, geometry)."""
+    h, w = image_hw
+    in_h, in_w = spec.size  # type: ignore[misc]  # validated: only rcnn has no size
+    if spec.resize == "stretch":
+        return (in_h, in_w), Geometry(image_hw, (in_h, in_w), (in_w / w, in_h / h), (0.0, 0.0))
+    if spec.resize == "letterbox":
+        # YOLOX / YOLOv5 convention: one ratio for both axes, the resized size truncated.
+        r = min(in_h / h, in_w / w)
+        nh, nw = max(1, int(h * r)), max(1, int(w * r))
+        ox, oy = ((in_w - nw) // 2, (in_h - nh) // 2) if spec.anchor == "center" else (0, 0)
+        return (nh, nw), Geometry(image_hw, (in_h, in_w), (r, r), (float(ox), float(oy)))
+    # center-crop: torchvision's Resize(shorter) + CenterCrop(size)
+    shorter = spec.resize_shorter or max(in_h, in_w)
+    if h <= w:
+        nh, nw = shorter, int(shorter * w / h)
+    else:
+        nh, nw = int(shorter * h / w), shorter
+    top, left = int(round((nh - in_h) / 2)), int(round((nw - in_w) / 2))
+    return (nh, nw), Geometry(image_hw, (in_h, in_w), (nw / w, nh / h),
+                              (float(-left), float(-top)))
+
+
+def preprocess(image: torch.Tensor, spec: InputSpec) -> tuple[np.ndarray, Geometry]:
+    """# [3, h, w] uint8 RGB -> model input [3, H, W] (NCHW) or [H, W, 3] (NHWC), Geometry"""
+    resized_hw, geo = fit(tuple(image.shape[-2:]), spec)
+    resized = resize_uint8(image, resized_hw, spec.antialias)
+    in_h, in_w = geo.input_hw
+    if spec.resize == "letterbox":
+        canvas = torch.full((3, in_h, in_w), float(spec.pad_value), dtype=torch.float32)
+        ox, oy = int(geo.offset_xy[0]), int(geo.offset_xy[1])
+        canvas[:, oy:oy + resized_hw[0], ox:ox + resized_hw[1]] = resized
+        x = canvas
+    elif spec.resize == "center-crop":
+        top, left = int(-geo.offset_xy[1]), int(-geo.offset_xy[0])
+        x = resized[:, top:top + in_h, left:left + in_w].float()
+    else:
+        x = resized.float()
+    if spec.color == "BGR":
+        x = x.flip(0)
+    if spec.dtype != "uint8":
+        mean = torch.tensor(spec.mean, dtype=torch.float32)[:, None, None]
+        std = torch.tensor(spec.std, dtype=torch.float32)[:, None, None]
+        x = (x * spec.scale - mean) / std
+    if spec.layout == "NHWC":
+        x = x.permute(1, 2, 0)
+    return x.contiguous().numpy().astype(spec.dtype, copy=False), geo
