@@ -62,9 +62,16 @@ def cmd_export(args: argparse.Namespace, settings: Settings) -> int:
 
     sizes = tuple(int(b) for b in args.batch_sizes.split(","))
     try:
-        path = export_detector(args.name, settings.model_repository, weights=args.weights,
-                               fmt=args.format, name=args.as_name, batch_sizes=sizes,
-                               num_classes=args.num_classes, check=not args.no_check)
+        if args.name.replace("-", "_") == "efficientnet_lite0":
+            from cvserve.models.efficientnet import export_efficientnet_lite0
+
+            path = export_efficientnet_lite0(
+                settings.model_repository, fmt=args.format,
+                name=args.as_name or "efficientnet-lite0", check=not args.no_check)
+        else:
+            path = export_detector(args.name, settings.model_repository, weights=args.weights,
+                                   fmt=args.format, name=args.as_name, batch_sizes=sizes,
+                                   num_classes=args.num_classes, check=not args.no_check)
     except ExportError as exc:
         print(f"cvserve models export: {exc}", file=sys.stderr)
         return 1
@@ -132,8 +139,10 @@ def parser() -> argparse.ArgumentParser:
     models = sub.add_parser("models", help="the model repository").add_subparsers(
         dest="models_command", required=True)
     models.add_parser("list", help="models in the repository")
-    exp = models.add_parser("export", help="export a torchvision detector")
-    exp.add_argument("name", help="architecture, e.g. fasterrcnn_mobilenet_v3_large_320_fpn")
+    exp = models.add_parser("export", help="export a torchvision detector or "
+                                           "EfficientNet-Lite0 (ImageNet)")
+    exp.add_argument("name", help="architecture, e.g. fasterrcnn_mobilenet_v3_large_320_fpn "
+                                  "or efficientnet_lite0")
     exp.add_argument("--weights", default="default",
                      help="default (pretrained, downloaded) | random | PATH to a checkpoint")
     exp.add_argument("--format", default="torchscript", choices=("onnx", "torchscript"))

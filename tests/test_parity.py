@@ -50,3 +50,23 @@ def test_served_detections_equal_eager_torchvision(demo_service: Service, model_
                        and abs(s["score"] - e["score"]) <= 1e-3 for s in served), e
         compared += len(expected)
     assert compared >= 10, "enough detections to make the comparison mean something"
+
+
+def test_exif_rotated_photo_gives_boxes_on_the_upright_image(demo_service: Service) -> None:
+    """A phone photo: pixels stored sideways, EXIF orientation 6. Boxes and the reported
+    size are those of the upright image a viewer shows (the scene's ground truth)."""
+    scene = make_scene(11, 480, 320)
+    upright = Image.open(io.BytesIO(scene.jpeg()))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored = upright turned 90 degrees counter-clockwise
+    buf = io.BytesIO()
+    upright.transpose(Image.Transpose.ROTATE_90).save(buf, format="JPEG", quality=95,
+                                                       exif=exif.tobytes())
+    r = httpx.post(f"{demo_service.url}/detect", files={"file": ("phone.jpg", buf.getvalue())},
+                   params={"model": "demo-ts", "score_threshold": 0.5}, timeout=120)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["image"] == {"width": 480, "height": 320}
+    found = [max((iou(d["box"], dict(zip(("x1", "y1", "x2", "y2"), o.box, strict=True)))
+                  for d in body["detections"]), default=0.0) for o in scene.objects]
+    assert sum(f >= 0.5 for f in found) >= len(scene.objects) // 2 + 1, (found, body)

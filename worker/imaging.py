@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 
 import numpy as np
@@ -13,7 +14,8 @@ from cvserve.app.media import ImageInfo, probe_image
 
 
 def decode_rgb(data: bytes, max_pixels: int) -> tuple[torch.Tensor, ImageInfo]:
-    """Decode an upload to the upright RGB image a viewer shows. # [3, H, W] uint8
+    """Decode an upload to the upright RGB image a viewer shows. # [3, H, W] uint8, and its
+    format and upright size.
 
     Pillow, not torchvision.io: torchvision 0.29 deprecates its decoders, and Pillow also
     covers CMYK, palette and EXIF-rotated images. An animated image gives its first frame.
@@ -26,6 +28,8 @@ def decode_rgb(data: bytes, max_pixels: int) -> tuple[torch.Tensor, ImageInfo]:
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
         raise UnsupportedMedia(f"could not decode the {info.format} image "
                                f"({info.width}x{info.height}): {exc}") from exc
+    # The size the user sees: an EXIF rotation by 90 degrees swaps the stored one.
+    info = dataclasses.replace(info, width=rgb.shape[1], height=rgb.shape[0])
     return torch.from_numpy(rgb).permute(2, 0, 1).contiguous(), info
 
 
