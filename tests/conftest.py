@@ -21,6 +21,9 @@ from cvserve.models.export import DEFAULT_DETECTOR, export_detector
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 REDIS_URL = os.environ.get("CVSERVE_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+# Real pretrained models (models/) and photos (testdata/), laid out as ../shared beside
+# the checkout; tests that need them skip, saying so, where it is absent.
+SHARED = Path(os.environ.get("CVSERVE_TEST_SHARED", REPO_ROOT.parent / "shared"))
 
 
 def free_port() -> int:

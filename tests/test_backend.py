@@ -55,3 +55,58 @@ def test_fixed_batch_graphs_serve_any_batch_size(tmp_path: Path, n: int) -> None
     y = backend.run({"x": x})["y"]
     assert y.shape == (n, 3)
     np.testing.assert_allclose(y, x * 2 + 1)
+
+
+class Flatten(torch.nn.Module):
+    """Traced at batch 1, its Reshape hard-codes the batch: [1, -1]."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x * 2).reshape(1, -1)
+
+
+class MixesBatch(torch.nn.Module):
+    """Fine at batch 1; with a symbolic batch each item would see the others."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x - x.mean(0, keepdim=True) + x.sum()
+
+
+def single_graph_model(tmp_path: Path, module: torch.nn.Module, symbolic: bool = True) -> Path:
+    folder = tmp_path / type(module).__name__
+    folder.mkdir()
+    torch.onnx.export(module, (torch.zeros(1, 3, 4),), str(folder / "model.onnx"),
+                      dynamo=False, input_names=["x"], output_names=["y"])
+    (folder / "model.toml").write_text(
+        'task = "detection"\nbackend = "onnx"\nfile = "model.onnx"\nlabels = ""\n'
+        'inputs = ["x"]\noutputs = ["y"]\n'
+        f"[batching]\nmax_batch_size = 4\nsymbolic_batch = {str(symbolic).lower()}\n")
+    return folder
+
+
+def one_at_a_time(module: torch.nn.Module, x: np.ndarray) -> np.ndarray:
+    with torch.no_grad():
+        return np.concatenate([module(torch.from_numpy(x[i:i + 1])).numpy()
+                               for i in range(len(x))])
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_batch_fixed_at_one_is_made_symbolic_when_outputs_match(tmp_path: Path) -> None:
+    backend = load_backend(load_config(single_graph_model(tmp_path, Flatten())),
+                           Settings(device="cpu"))
+    assert backend.batch_mode == "dynamic (made symbolic, verified)"
+    assert backend.batch_sizes is None and backend.batch_limit is None
+    x = np.random.default_rng(0).normal(size=(3, 3, 4)).astype(np.float32)
+    np.testing.assert_allclose(backend.run({"x": x})["y"], one_at_a_time(Flatten(), x),
+                               rtol=1e-6)
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+@pytest.mark.parametrize("symbolic", [True, False])
+def test_batch_fixed_at_one_that_cannot_batch_runs_one_at_a_time(tmp_path: Path,
+                                                                 symbolic: bool) -> None:
+    backend = load_backend(load_config(single_graph_model(tmp_path, MixesBatch(), symbolic)),
+                           Settings(device="cpu"))
+    assert backend.batch_mode == "fixed 1" and backend.batch_limit == 1
+    x = np.random.default_rng(1).normal(size=(3, 3, 4)).astype(np.float32)
+    np.testing.assert_allclose(backend.run({"x": x})["y"], one_at_a_time(MixesBatch(), x),
+                               rtol=1e-5, atol=1e-5)

@@ -19,8 +19,10 @@ from cvserve.models.catalog import CATALOG, CatalogEntry, CatalogError, availabl
 from cvserve.models.catalog import _install as install_entry
 from cvserve.worker.repository import ModelRepository, load_config
 
+from .conftest import SHARED
+
 MIRROR = Path(os.environ.get(
-    "CVSERVE_TEST_MIRROR", Path(__file__).resolve().parents[2] / "shared" / "models"))
+    "CVSERVE_TEST_MIRROR", SHARED / "models"))
 # The label files shipped next to each model in the mirror, which the catalog's copy.
 MIRROR_LABELS = {"yolox-nano": "coco_classes.txt",
                  "deeplabv3-mobilenetv2-voc": "voc_classes.txt",

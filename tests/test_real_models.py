@@ -27,9 +27,8 @@ from PIL import Image
 
 from cvserve.models.export import DEMO_WEIGHTS, export_detector
 
-from .conftest import REPO_ROOT, Service, embedded_service, iou
+from .conftest import SHARED, Service, embedded_service, iou
 
-SHARED = Path(os.environ.get("CVSERVE_TEST_SHARED", REPO_ROOT.parent / "shared"))
 MIRROR, TESTDATA = SHARED / "models", SHARED / "testdata"
 YOLOX = MIRROR / "yolox-nano" / "yolox_nano.onnx"
 
@@ -287,3 +286,23 @@ def test_pull_installs_from_the_mirror(tmp_path: Path) -> None:
     bad = subprocess.run([sys.executable, "-m", "cvserve.app.cli", "models", "pull", "nope"],
                          env=env, capture_output=True, text=True, timeout=120)
     assert bad.returncode == 1 and "yolox-nano" in bad.stderr
+
+
+def test_fixed_batch_graph_batched_equals_alone(real_service: Service) -> None:
+    """YOLOX's graph was fixed at batch 1; made symbolic, concurrent photos share batches
+    and each still gets the answer it gets alone."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from .test_batching import assert_same_detections, batch_histogram
+
+    photos = [(TESTDATA / n).read_bytes() for n in sorted(README_YOLOX)] * 3
+    alone = [detect(real_service.url, p, score_threshold=0.1)["detections"] for p in photos]
+    before = batch_histogram(real_service.url, "yolox-nano")
+    with ThreadPoolExecutor(len(photos)) as pool:
+        together = list(pool.map(
+            lambda p: detect(real_service.url, p, score_threshold=0.1)["detections"], photos))
+    after = batch_histogram(real_service.url, "yolox-nano")
+    for a, b in zip(alone, together, strict=True):
+        assert_same_detections(a, b)
+    runs, runs_of_one = after[0] - before[0], after[1] - before[1]
+    assert runs_of_one < runs, "concurrent requests formed batches larger than 1"
