@@ -30,6 +30,8 @@ log = logging.getLogger("cvserve.api")
 
 HTTP_REQUESTS = Counter("cvserve_http_requests", "HTTP requests by endpoint and status",
                         ["endpoint", "method", "status"])
+CLIENT_DISCONNECTS = Counter("cvserve_http_client_disconnects",
+                             "Requests whose client left before the answer", ["task"])
 HTTP_SECONDS = Histogram("cvserve_http_request_duration_seconds", "HTTP latency by endpoint",
                          ["endpoint", "method"],
                          buckets=(.005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30, 60))
@@ -96,6 +98,17 @@ class ModelDirectory:
         return name
 
 
+class ClientGone(Exception):
+    """The client disconnected before its answer came; no response is sent."""
+
+
+async def client_left(request: Request) -> None:
+    """Returns when the client disconnects. Called once the body has been read, so the
+    only message left to receive is the disconnect."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
 def create_app(settings: Settings, queue: JobQueue,
                on_startup: Callable[[], Awaitable[Any]] | None = None,
                on_shutdown: Callable[[], Awaitable[Any]] | None = None) -> FastAPI:
@@ -136,6 +149,11 @@ def create_app(settings: Settings, queue: JobQueue,
         return JSONResponse({"error": {"code": code, "message": str(exc.detail)}},
                             status_code=exc.status_code)
 
+    @app.exception_handler(ClientGone)
+    async def _gone(request: Request, exc: ClientGone) -> Response:
+        # 499 as nginx logs it; the connection is closed, so nobody receives it.
+        return Response(status_code=499)
+
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error")
@@ -169,12 +187,21 @@ def create_app(settings: Settings, queue: JobQueue,
                   deadline_ms=now_ms() + int(timeout * 1000),
                   request_id=request.state.request_id)
         future = await queue.submit(job)
+        left = asyncio.create_task(client_left(request))
         try:
-            reply = await asyncio.wait_for(future, timeout)
-        except TimeoutError:
-            raise DeadlineExceeded(f"no answer within {timeout:g} s (timeout_s / "
-                                   "CVSERVE_REQUEST_TIMEOUT_S)") from None
+            done, _ = await asyncio.wait({future, left}, timeout=timeout,
+                                         return_when=asyncio.FIRST_COMPLETED)
+            if future not in done:
+                if left not in done:
+                    raise DeadlineExceeded(f"no answer within {timeout:g} s (timeout_s / "
+                                           "CVSERVE_REQUEST_TIMEOUT_S)")
+                # Nobody will read the answer: tell the worker not to run the job.
+                CLIENT_DISCONNECTS.labels(task).inc()
+                await queue.cancel(job)
+                raise ClientGone()
+            reply = future.result()
         finally:
+            left.cancel()
             queue.forget(job.id)
         if not reply.ok:
             raise from_code(reply.error_code or "internal", reply.error_message or "")

@@ -133,6 +133,10 @@ class JobQueue(ABC):
             fut.set_result(reply)
 
     @abstractmethod
+    async def cancel(self, job: Job) -> None:
+        """The client left: a worker that has not run the job yet drops it."""
+
+    @abstractmethod
     async def _enqueue(self, job: Job) -> None: ...
 
     @abstractmethod
@@ -157,6 +161,14 @@ class JobQueue(ABC):
         """Deliver a job's reply, then acknowledge the job."""
 
     @abstractmethod
+    async def cancelled(self, jobs: list[Job]) -> set[str]:
+        """The ids among `jobs` whose clients cancelled them."""
+
+    @abstractmethod
+    async def drop(self, job: Job) -> None:
+        """Acknowledge a job without a reply (its client is gone)."""
+
+    @abstractmethod
     async def register(self, info: WorkerInfo, ttl_s: float) -> None:
         """Announce (or refresh) a worker; it disappears when not refreshed within ttl_s."""
 
@@ -173,6 +185,7 @@ class MemoryQueue(JobQueue):
         self._in_flight: dict[str, int] = {}
         self._arrived: dict[str, asyncio.Event] = {}
         self._workers: dict[str, tuple[WorkerInfo, float]] = {}
+        self._cancelled: dict[str, int] = {}  # job id -> its deadline (then forgotten)
 
     def _event(self, model: str) -> asyncio.Event:
         return self._arrived.setdefault(model, asyncio.Event())
@@ -203,6 +216,19 @@ class MemoryQueue(JobQueue):
     async def reply(self, job: Job, reply: Reply) -> None:
         self._in_flight[job.model] = max(0, self._in_flight.get(job.model, 0) - 1)
         self._resolve(reply)
+
+    async def cancel(self, job: Job) -> None:
+        self._cancelled[job.id] = job.deadline_ms
+
+    async def cancelled(self, jobs: list[Job]) -> set[str]:
+        if not self._cancelled:
+            return set()
+        now = now_ms()
+        self._cancelled = {k: d for k, d in self._cancelled.items() if d >= now}
+        return {job.id for job in jobs if self._cancelled.pop(job.id, None) is not None}
+
+    async def drop(self, job: Job) -> None:
+        self._in_flight[job.model] = max(0, self._in_flight.get(job.model, 0) - 1)
 
     async def register(self, info: WorkerInfo, ttl_s: float) -> None:
         self._workers[info.worker_id] = (info, time.monotonic() + ttl_s)

@@ -327,6 +327,29 @@ class RedisQueue(JobQueue):
         held = self._held.pop((stream, entry_id), None)
         await self._ack(stream, entry_id, held.payload_key if held else None)
 
+    async def cancel(self, job: Job) -> None:
+        """A marker the worker checks before it runs a batch, gone by the job's deadline."""
+        ttl_ms = max(1000, job.deadline_ms - now_ms())
+        await self.redis.set(self.s.key("cancel", job.id), b"1", px=ttl_ms)
+
+    async def cancelled(self, jobs: list[Job]) -> set[str]:
+        if not jobs:
+            return set()
+        keys = [self.s.key("cancel", job.id) for job in jobs]
+        if not await self.redis.exists(*keys):  # the usual case: one round trip
+            return set()
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for key in keys:
+                pipe.exists(key)
+            found = await pipe.execute()
+        return {job.id for job, hit in zip(jobs, found, strict=True) if hit}
+
+    async def drop(self, job: Job) -> None:
+        stream = self.s.key("jobs", job.model)
+        entry_id = job.entry_id or "0-0"
+        held = self._held.pop((stream, entry_id), None)
+        await self._ack(stream, entry_id, held.payload_key if held else None)
+
     async def register(self, info: WorkerInfo, ttl_s: float) -> None:
         await self.redis.set(self.s.key("workers", info.worker_id),
                              json.dumps(info.__dict__), px=int(ttl_s * 1000))

@@ -71,6 +71,9 @@ class ModelInfo(BaseModel):
     batching: dict[str, Any]
     thresholds: dict[str, Any] = Field(default_factory=dict)
     batch_sizes: list[int] | None = None
+    batching_policy: dict[str, Any] = Field(
+        default_factory=dict, description="The measured throughput by batch size and the "
+                                          "batch size / queue delay chosen from it")
     batch_mode: str = Field("dynamic", description="dynamic | dynamic (made symbolic, "
                                                   "verified) | fixed N | one graph per "
                                                   "batch size")

@@ -29,22 +29,35 @@ from cvserve.app.errors import (
 from cvserve.app.queue import Job, JobQueue, Reply, now_ms
 
 from . import metrics
+from .policy import BatchPolicy
 from .task import Prepared, Task
 
 log = logging.getLogger("cvserve.batcher")
 
 
+def batch_limit(task: Task) -> int:
+    """The largest batch the model.toml allows and the artifact can take."""
+    limit = task.cfg.batching.max_batch_size
+    return min(limit, task.backend.batch_limit or limit)
+
+
 class ModelRunner:
     """Pulls one model's jobs from the queue and runs them in dynamic batches."""
 
-    def __init__(self, task: Task, queue: JobQueue, pool: ThreadPoolExecutor) -> None:
+    def __init__(self, task: Task, queue: JobQueue, pool: ThreadPoolExecutor,
+                 policy: BatchPolicy | None = None) -> None:
         self.task = task
         self.queue = queue
         self.pool = pool
         self.name = task.cfg.name
-        self.max_batch_size = min(task.cfg.batching.max_batch_size,
-                                  task.backend.batch_limit or task.cfg.batching.max_batch_size)
-        self.max_queue_delay_s = task.cfg.batching.max_queue_delay_ms / 1000
+        self.policy = policy or BatchPolicy(batch_limit(task),
+                                            task.cfg.batching.max_queue_delay_ms, "model.toml")
+        self.max_batch_size = self.policy.max_batch_size
+        self.max_queue_delay_s = self.policy.max_queue_delay_ms / 1000
+        metrics.POLICY_MAX_BATCH.labels(self.name).set(self.max_batch_size)
+        metrics.POLICY_DELAY.labels(self.name).set(self.policy.max_queue_delay_ms)
+        for size, value in self.policy.throughput.items():
+            metrics.BATCH_THROUGHPUT.labels(self.name, str(size)).set(value)
         # Jobs held at once (being decoded or ready): enough to decode one batch ahead.
         self.capacity = 2 * self.max_batch_size
         self.model_thread = ThreadPoolExecutor(1, thread_name_prefix=f"model-{self.name}")
@@ -139,10 +152,34 @@ class ModelRunner:
         live = []
         for item in batch:
             if item.job.expired:
+                metrics.CANCELLED.labels(self.name, "deadline").inc()
                 self._reply_error(item.job, self._expired(item.job))
             else:
                 live.append(item)
-        return live
+        return await self._drop_cancelled(live)
+
+    async def _drop_cancelled(self, batch: list[Prepared]) -> list[Prepared]:
+        """Jobs whose clients left are acknowledged unanswered, never run."""
+        try:
+            gone = await self.queue.cancelled([item.job for item in batch])
+        except Exception as exc:  # the queue is down: run them; the reply will be dropped
+            log.warning("%s: could not check for cancelled jobs: %s", self.name, exc)
+            return batch
+        if not gone:
+            return batch
+        for item in batch:
+            if item.job.id in gone:
+                log.info("%s: job %s dropped: its client disconnected", self.name,
+                         item.job.id)
+                metrics.CANCELLED.labels(self.name, "client_disconnected").inc()
+                self._spawn(self._drop(item.job))
+        return [item for item in batch if item.job.id not in gone]
+
+    async def _drop(self, job: Job) -> None:
+        try:
+            await self.queue.drop(job)
+        except Exception as exc:
+            log.warning("%s: could not acknowledge dropped job %s: %s", self.name, job.id, exc)
 
     def _take(self, batch: list[Prepared], key: Hashable) -> None:
         """Move ready jobs that batch with `key` into `batch`, oldest first; the others keep

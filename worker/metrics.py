@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Histogram
+from prometheus_client import Counter, Gauge, Histogram
 
 _LATENCY = (.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30)
 
@@ -22,3 +22,12 @@ INFER_SECONDS = Histogram("cvserve_inference_compute_infer_duration_seconds",
                           "Model execution per batch", ["model"], buckets=_LATENCY)
 OUTPUT_SECONDS = Histogram("cvserve_inference_compute_output_duration_seconds",
                            "Postprocess and encode per job", ["model"], buckets=_LATENCY)
+CANCELLED = Counter("cvserve_inference_cancelled", "Jobs dropped before the model ran them",
+                    ["model", "reason"])  # reason: client_disconnected | deadline
+BATCH_THROUGHPUT = Gauge("cvserve_batch_throughput_images_per_second",
+                         "Warm-up measurement: images/s at each batch size",
+                         ["model", "batch_size"])
+POLICY_MAX_BATCH = Gauge("cvserve_batch_policy_max_batch_size",
+                         "The largest batch the policy forms", ["model"])
+POLICY_DELAY = Gauge("cvserve_batch_policy_max_queue_delay_ms",
+                     "How long a batch waits for more jobs", ["model"])

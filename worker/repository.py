@@ -101,6 +101,10 @@ class BatchingSpec(BaseModel):
 
     max_batch_size: int = Field(default=1, ge=1)
     max_queue_delay_ms: float = Field(default=0.0, ge=0)
+    # measured: at load, time each batch size up to max_batch_size and form batches only
+    # as large as still raises throughput, waiting max_queue_delay_ms only if any does.
+    # fixed: use max_batch_size and max_queue_delay_ms as written.
+    policy: Literal["measured", "fixed"] = "measured"
     # Batch sizes the artifact accepts when it cannot take any (one ONNX file per size);
     # the backend pads a batch up to the next one. None: any size up to max_batch_size.
     batch_sizes: list[int] | None = None

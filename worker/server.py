@@ -14,8 +14,9 @@ from cvserve.app.queue import JobQueue, WorkerInfo
 from cvserve.app.settings import Settings
 
 from .backend import load_backend
-from .batcher import ModelRunner
+from .batcher import ModelRunner, batch_limit
 from .detection import DetectionTask
+from .policy import warm_up
 from .repository import ModelConfig, ModelRepository, load_config
 from .task import Task
 
@@ -119,12 +120,15 @@ class Worker:
             t0 = time.perf_counter()
             try:
                 task = await loop.run_in_executor(None, build_task, cfg, self.settings)
+                log.info("loaded %s (%s on %s, weights: %s) in %.1f s", cfg.name,
+                         cfg.backend, task.backend.device, cfg.weights,
+                         time.perf_counter() - t0)
+                # Before the worker announces itself: /readyz waits for the warm-up.
+                policy = await loop.run_in_executor(None, warm_up, task, batch_limit(task))
             except Exception as exc:
                 log.error("model %s failed to load: %s", cfg.name, exc)
                 continue
-            log.info("loaded %s (%s on %s, weights: %s) in %.1f s", cfg.name, cfg.backend,
-                     task.backend.device, cfg.weights, time.perf_counter() - t0)
-            self.runners[cfg.name] = ModelRunner(task, self.queue, self.pool)
+            self.runners[cfg.name] = ModelRunner(task, self.queue, self.pool, policy)
         for runner in self.runners.values():
             runner.start()
         try:
@@ -135,7 +139,8 @@ class Worker:
 
     def info(self) -> WorkerInfo:
         return WorkerInfo(self.worker_id, {
-            name: {**r.task.cfg.describe(), **r.task.backend.describe()}
+            name: {**r.task.cfg.describe(), **r.task.backend.describe(),
+                   "batching_policy": r.policy.describe()}
             for name, r in self.runners.items()})
 
     async def _announce(self) -> None:

@@ -8,7 +8,7 @@ from collections.abc import Hashable
 from dataclasses import dataclass, field
 from typing import Any
 
-from cvserve.app.queue import Job
+from cvserve.app.queue import Job, now_ms
 from cvserve.app.settings import Settings
 
 from .backend import Backend
@@ -39,6 +39,14 @@ class Task(ABC):
         item = self.prepare(job)
         item.timing_ms["preprocess"] = (time.perf_counter() - t0) * 1000
         return item
+
+    def warmup_jobs(self) -> list[Job]:
+        """Inputs for warm-up and the batching measurement: generated scenes, encoded as
+        JPEG at a common photo size, so the whole path (decode included) runs."""
+        from cvserve.models.synthetic import make_scene
+
+        return [Job(model=self.cfg.name, task=self.cfg.task, deadline_ms=now_ms() + 3_600_000,
+                    payload=make_scene(seed, 640, 480).jpeg()) for seed in range(2)]
 
     @abstractmethod
     def prepare(self, job: Job) -> Prepared:
