@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import itertools
 import json
 import os
@@ -60,6 +61,9 @@ READY_TIMEOUT_S = 180.0
 # The issue's targets (see the module docstring, step 3).
 THROUGHPUT_RATIO_TARGET = 0.90
 C1_OVERHEAD_TARGET_MS = 5.0
+WRONG_ANSWER = -1  # Answer.status of a 200 whose content a check rejected
+# A check on each answer: (index of the image sent, the answer's JSON) -> as expected?
+Check = Callable[[int, dict[str, Any]], bool]
 
 
 @dataclass
@@ -137,7 +141,7 @@ class ServiceSpec:
     commands: list[str]
     env: dict[str, str]
     url: str
-    metrics_url: str
+    metrics_url: str | None  # None: a server without cvserve's metrics (no batch sizes)
     key_prefix: str | None = None  # Redis mode: every key the processes made starts so
 
 
@@ -173,8 +177,8 @@ class Service:
         for command in self.spec.commands:
             with (self.log_dir / f"{command}.log").open("wb") as log:  # the child keeps a copy
                 self.procs[command] = subprocess.Popen(
-                    [sys.executable, "-m", "cvserve.app.cli", command], env=self.spec.env,
-                    stdout=log, stderr=subprocess.STDOUT)
+                    self.argv(command), env=self.spec.env, stdout=log,
+                    stderr=subprocess.STDOUT)
         try:
             self.wait_ready()
         except BaseException:
@@ -184,6 +188,10 @@ class Service:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+    def argv(self, command: str) -> list[str]:
+        """The command line of one process (a subclass may start another server)."""
+        return [sys.executable, "-m", "cvserve.app.cli", command]
 
     def wait_ready(self, timeout_s: float = READY_TIMEOUT_S) -> None:
         """Until /readyz answers 200: the queue is up and a worker serves a detector."""
@@ -231,7 +239,8 @@ def delete_redis_keys(redis_url: str, prefix: str) -> None:
 
 
 # --- closed-loop clients -----------------------------------------------------------------
-async def post_detect(client: httpx.AsyncClient, data: bytes, model: str) -> Answer:
+async def post_detect(client: httpx.AsyncClient, data: bytes, model: str,
+                      check: Callable[[dict[str, Any]], bool] | None = None) -> Answer:
     t0 = time.perf_counter()
     try:
         r = await client.post("/detect", content=data, params={"model": model},
@@ -240,22 +249,30 @@ async def post_detect(client: httpx.AsyncClient, data: bytes, model: str) -> Ans
         t1 = time.perf_counter()
         return Answer(t1, t1 - t0, 0, {})
     t1 = time.perf_counter()
-    timing = r.json().get("timing", {}) if r.status_code == 200 else {}
-    return Answer(t1, t1 - t0, r.status_code, timing)
+    if r.status_code != 200:
+        return Answer(t1, t1 - t0, r.status_code, {})
+    body = r.json()
+    status = WRONG_ANSWER if check is not None and not check(body) else 200
+    return Answer(t1, t1 - t0, status, body.get("timing", {}))
 
 
 async def client_loop(client: httpx.AsyncClient, images: list[bytes], first: int, model: str,
-                      stop_s: float, answers: list[Answer]) -> None:
+                      stop_s: float, answers: list[Answer], check: Check | None = None) -> None:
     """One closed-loop client: the next image as soon as the previous answer arrives."""
     for i in itertools.count(first):
         if time.perf_counter() >= stop_s:
             return
-        answers.append(await post_detect(client, images[i % len(images)], model))
+        k = i % len(images)
+        one = None if check is None else functools.partial(check, k)
+        answers.append(await post_detect(client, images[k], model, one))
 
 
-async def batch_histogram(client: httpx.AsyncClient, metrics_url: str,
+async def batch_histogram(client: httpx.AsyncClient, metrics_url: str | None,
                           model: str) -> tuple[float, float]:
-    """(sum, count) of the worker's batch-size histogram for one model."""
+    """(sum, count) of the worker's batch-size histogram for one model; (0, 0) where
+    there are no metrics."""
+    if metrics_url is None:
+        return 0.0, 0.0
     text = (await client.get(metrics_url)).text
     found = {"sum": 0.0, "count": 0.0}
     for family in text_string_to_metric_families(text):
@@ -273,15 +290,17 @@ async def sleep_until(t_s: float) -> None:
 
 
 async def measure_level(spec: ServiceSpec, model: str, images: list[bytes], concurrency: int,
-                        warmup_s: float, duration_s: float) -> Row:
-    """N closed-loop clients; what answered inside the window after the warm-up counts."""
+                        warmup_s: float, duration_s: float, check: Check | None = None) -> Row:
+    """N closed-loop clients; what answered inside the window after the warm-up counts
+    (with `check`, an answer it rejects counts as an error, status WRONG_ANSWER)."""
     limits = httpx.Limits(max_connections=concurrency + 1)
     async with httpx.AsyncClient(base_url=spec.url, timeout=REQUEST_TIMEOUT_S, limits=limits,
                                  trust_env=False) as client:
         start_s = time.perf_counter() + warmup_s
         stop_s = start_s + duration_s
         answers: list[Answer] = []
-        clients = [asyncio.create_task(client_loop(client, images, k, model, stop_s, answers))
+        clients = [asyncio.create_task(client_loop(client, images, k, model, stop_s, answers,
+                                                   check))
                    for k in range(concurrency)]
         await sleep_until(start_s)
         sum0, count0 = await batch_histogram(client, spec.metrics_url, model)
@@ -443,7 +462,8 @@ def format_ratios(found: dict[str, dict[str, Any]]) -> str:
 def format_errors(rows: list[Row]) -> str:
     lines = [f"{r.level}: " + ", ".join(f"{n} x status {s}" for s, n in r.error_kinds.items())
              for r in rows if r.error_kinds]
-    return "errors (status 0: no answer)\n" + "\n".join(lines) if lines else ""
+    head = f"errors (status 0: no answer; {WRONG_ANSWER}: wrong detections)"
+    return head + "\n" + "\n".join(lines) if lines else ""
 
 
 # --- command line ------------------------------------------------------------------------
