@@ -169,7 +169,15 @@ def demo_repo(demo_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -
     for fmt, name in (("torchscript", "demo-ts"), ("onnx", "demo-onnx")):
         export_detector("tiny_fasterrcnn", repo, weights=str(demo_checkpoint), fmt=fmt,
                         name=name, check=False)
+        pin_batching(repo / name)
     return repo
+
+
+def pin_batching(model_dir: Path) -> None:
+    """Batch as model.toml says, not as measured: tests of batched results need batches
+    whatever this machine's load makes of the warm-up measurement."""
+    toml = model_dir / "model.toml"
+    toml.write_text(toml.read_text().replace("[batching]\n", '[batching]\npolicy = "fixed"\n'))
 
 
 @pytest.fixture(scope="session")

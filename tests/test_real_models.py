@@ -290,7 +290,8 @@ def test_pull_installs_from_the_mirror(tmp_path: Path) -> None:
 
 def test_fixed_batch_graph_batched_equals_alone(real_service: Service) -> None:
     """YOLOX's graph was fixed at batch 1; made symbolic, concurrent photos share batches
-    and each still gets the answer it gets alone."""
+    (where the warm-up found batching worth it) and each still gets its answer alone.
+    tests/test_backend.py checks the rewritten graph's batches directly."""
     from concurrent.futures import ThreadPoolExecutor
 
     from .test_batching import assert_same_detections, batch_histogram
@@ -305,4 +306,8 @@ def test_fixed_batch_graph_batched_equals_alone(real_service: Service) -> None:
     for a, b in zip(alone, together, strict=True):
         assert_same_detections(a, b)
     runs, runs_of_one = after[0] - before[0], after[1] - before[1]
-    assert runs_of_one < runs, "concurrent requests formed batches larger than 1"
+    policy = httpx.get(f"{real_service.url}/models/yolox-nano").json()["batching_policy"]
+    if policy["max_batch_size"] > 1:  # the warm-up measured a gain from batching here
+        assert runs_of_one < runs, "concurrent requests formed batches larger than 1"
+    else:
+        assert runs_of_one == runs

@@ -58,9 +58,14 @@ class ModelRunner:
         metrics.POLICY_DELAY.labels(self.name).set(self.policy.max_queue_delay_ms)
         for size, value in self.policy.throughput.items():
             metrics.BATCH_THROUGHPUT.labels(self.name, str(size)).set(value)
-        # Jobs held at once (being decoded or ready): enough to decode one batch ahead.
-        self.capacity = 2 * self.max_batch_size
-        self.model_thread = ThreadPoolExecutor(1, thread_name_prefix=f"model-{self.name}")
+        # Batches run at once (Triton's instance count): one model thread each.
+        self.instances = self.policy.instances
+        self._slots = asyncio.Semaphore(self.instances)
+        # Jobs held at once (being decoded or ready): enough to decode one batch ahead
+        # for every instance.
+        self.capacity = 2 * self.max_batch_size * self.instances
+        self.model_thread = ThreadPoolExecutor(self.instances,
+                                               thread_name_prefix=f"model-{self.name}")
         self.ready: deque[Prepared] = deque()  # oldest first
         self._readied = asyncio.Event()
         self._preparing = 0
@@ -194,27 +199,43 @@ class ModelRunner:
         self.ready = keep
 
     async def _execute(self) -> None:
-        loop = asyncio.get_running_loop()
+        """Form the next batch as soon as a model instance is free to run it."""
         while True:
-            batch = await self._next_batch()
-            if not batch:
-                continue
-            start_ms = now_ms()
-            t0 = time.perf_counter()
+            await self._slots.acquire()
             try:
-                outputs = await loop.run_in_executor(self.model_thread, self.task.run, batch)
-            except asyncio.CancelledError:
+                batch = await self._next_batch()
+            except BaseException:
+                self._slots.release()
                 raise
-            except Exception as exc:
-                await self._isolate(batch, exc)
+            if not batch:
+                self._slots.release()
                 continue
-            infer_s = time.perf_counter() - t0
-            self._count_batch(len(batch), infer_s)
-            for item, output in zip(batch, outputs, strict=True):
-                item.timing_ms["queue"] = max(
-                    0.0, start_ms - item.job.enqueued_ms - item.timing_ms["preprocess"])
-                item.timing_ms["inference"] = infer_s * 1000
-                self._spawn(self._finish(item, output))
+            self._spawn(self._run_batch(batch))
+
+    async def _run_batch(self, batch: list[Prepared]) -> None:
+        try:
+            await self._run(batch)
+        finally:
+            self._slots.release()
+
+    async def _run(self, batch: list[Prepared]) -> None:
+        loop = asyncio.get_running_loop()
+        start_ms = now_ms()
+        t0 = time.perf_counter()
+        try:
+            outputs = await loop.run_in_executor(self.model_thread, self.task.run, batch)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            await self._isolate(batch, exc)
+            return
+        infer_s = time.perf_counter() - t0
+        self._count_batch(len(batch), infer_s)
+        for item, output in zip(batch, outputs, strict=True):
+            item.timing_ms["queue"] = max(
+                0.0, start_ms - item.job.enqueued_ms - item.timing_ms["preprocess"])
+            item.timing_ms["inference"] = infer_s * 1000
+            self._spawn(self._finish(item, output))
 
     def _count_batch(self, size: int, infer_s: float) -> None:
         metrics.EXECUTIONS.labels(self.name).inc()

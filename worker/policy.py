@@ -11,7 +11,9 @@ faster per image in batches of 2-4. A model.toml can pin the policy instead.
 from __future__ import annotations
 
 import logging
+import os
 import statistics
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -29,14 +31,19 @@ class BatchPolicy:
     max_batch_size: int
     max_queue_delay_ms: float
     source: str  # "measured" | "model.toml"
+    instances: int = 1  # batches run at once, each on a model thread of its own
     # Images per second by batch size, from the warm-up runs.
     throughput: dict[int, float] = field(default_factory=dict)
+    # Images/s with 1, 2 ... instances running the chosen batch size side by side.
+    instance_throughput: dict[int, float] = field(default_factory=dict)
     warmup_s: float = 0.0
 
     def describe(self) -> dict:
         out = asdict(self)
         out["throughput"] = {str(k): round(v, 2) for k, v in self.throughput.items()}
         out["warmup_s"] = round(self.warmup_s, 2)
+        out["instance_throughput"] = {str(k): round(v, 2)
+                                      for k, v in self.instance_throughput.items()}
         return out
 
 
@@ -88,6 +95,33 @@ def measure(task: Task, items: list[Prepared], sizes: list[int],
     return {b: b / statistics.median(times) for b, times in runs.items()}
 
 
+def measure_instances(task: Task, batch: list[Prepared], counts: list[int],
+                      window_s: float = 0.3, rounds: int = 3) -> dict[int, float]:
+    """Images/s with k threads each running `batch` back to back, for each k in `counts`;
+    interleaved windows, as in `measure`. A model whose single run leaves cores idle
+    (a small ONNX graph on a CPU, whose intra-op threads scale poorly) gains from a
+    second instance; one that already fills the machine does not."""
+    done: dict[int, list[float]] = {k: [] for k in counts}
+    for _ in range(rounds):
+        for k in counts:
+            images = [0] * k
+            stop = time.perf_counter() + window_s
+
+            def loop(i: int, stop: float = stop, images: list[int] = images) -> None:
+                while time.perf_counter() < stop:
+                    task.run(batch)
+                    images[i] += len(batch)
+
+            t0 = time.perf_counter()
+            threads = [threading.Thread(target=loop, args=(i,)) for i in range(k)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            done[k].append(sum(images) / (time.perf_counter() - t0))
+    return {k: statistics.median(v) for k, v in done.items()}
+
+
 def warm_up(task: Task, limit: int) -> BatchPolicy:
     """Run the model at each batch size it may use and set its policy."""
     t0 = time.perf_counter()
@@ -96,13 +130,22 @@ def warm_up(task: Task, limit: int) -> BatchPolicy:
     sizes = candidate_sizes(limit, task.backend.batch_sizes)
     throughput = measure(task, items, sizes)
     if batching.policy == "fixed":
-        policy = BatchPolicy(limit, batching.max_queue_delay_ms, "model.toml", throughput)
+        policy = BatchPolicy(limit, batching.max_queue_delay_ms, "model.toml",
+                             instances=batching.instances or 1, throughput=throughput)
     else:
         chosen, delay = choose(throughput, batching.max_queue_delay_ms)
-        policy = BatchPolicy(chosen, delay, "measured", throughput)
+        policy = BatchPolicy(chosen, delay, "measured", throughput=throughput)
+        if batching.instances is not None:
+            policy.instances = batching.instances
+        else:
+            counts = list(range(1, min(2, len(os.sched_getaffinity(0))) + 1))
+            batch = [items[i % len(items)] for i in range(chosen)]
+            policy.instance_throughput = measure_instances(task, batch, counts)
+            policy.instances, _ = choose(policy.instance_throughput, 0.0)
     policy.warmup_s = time.perf_counter() - t0
     curve = ", ".join(f"{b}: {v:.1f}/s" for b, v in throughput.items())
     log.info("%s: warm-up took %.1f s; images/s by batch size {%s} -> batches up to %d, "
-             "queue delay %g ms (%s)", task.cfg.name, policy.warmup_s, curve,
-             policy.max_batch_size, policy.max_queue_delay_ms, policy.source)
+             "queue delay %g ms, %d instance(s) (%s)", task.cfg.name, policy.warmup_s, curve,
+             policy.max_batch_size, policy.max_queue_delay_ms, policy.instances,
+             policy.source)
     return policy

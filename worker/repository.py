@@ -105,6 +105,9 @@ class BatchingSpec(BaseModel):
     # as large as still raises throughput, waiting max_queue_delay_ms only if any does.
     # fixed: use max_batch_size and max_queue_delay_ms as written.
     policy: Literal["measured", "fixed"] = "measured"
+    # Batches run at once, each on its own model thread (Triton's instance count); None:
+    # measured at warm-up (1 or 2), fixed policy: 1.
+    instances: int | None = Field(default=None, ge=1, le=16)
     # Batch sizes the artifact accepts when it cannot take any (one ONNX file per size);
     # the backend pads a batch up to the next one. None: any size up to max_batch_size.
     batch_sizes: list[int] | None = None
