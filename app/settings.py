@@ -67,7 +67,9 @@ class Settings(BaseSettings):
     reply_stream_ttl_s: int = 600
 
     # --- worker ------------------------------------------------------------------------
-    decode_threads: int = Field(default=2, ge=1)
+    decode_threads: int = Field(
+        default=0, ge=0, description="Threads that decode, preprocess and postprocess; "
+                                     "0 = the number of cores")
     intra_op_threads: int = Field(default=0, ge=0, description="0 = the number of cores")
     onnx_spinning: bool = False
     worker_metrics_port: int | None = None

@@ -110,7 +110,8 @@ class Worker:
         self.queue = queue
         self.configs = configs
         self.worker_id = worker_id or default_worker_id()
-        self.pool = ThreadPoolExecutor(settings.decode_threads, thread_name_prefix="decode")
+        self.pool = ThreadPoolExecutor(settings.decode_threads or settings.cores,
+                                       thread_name_prefix="decode")
         self.runners: dict[str, ModelRunner] = {}
         self._heartbeat: asyncio.Task[None] | None = None
 
