@@ -47,6 +47,14 @@ class Settings(BaseSettings):
         default=True, description="Build a random-weight detector when no detector exists"
     )
     device: str = Field(default="auto", description="auto | cpu | cuda | cuda:N")
+    fp16: bool = Field(
+        default=False,
+        description="On a GPU, run TorchScript models whose model.toml sets allow_fp16 = true "
+                    "in half precision")
+    gpu_jpeg_decode: bool = Field(
+        default=False,
+        description="On a GPU, decode plain RGB JPEGs with nvjpeg (CMYK, grayscale, "
+                    "EXIF-rotated and other formats still go through Pillow)")
 
     # --- limits ------------------------------------------------------------------------
     upload_bytes: int = 20 * 1024 * 1024

@@ -47,6 +47,12 @@ DETECTORS = (
 )
 DEFAULT_DETECTOR = "fasterrcnn_mobilenet_v3_large_320_fpn"
 DEMO_WEIGHTS = Path(__file__).resolve().parent / "demo" / "detector.pt"
+# Cores whose fp16 results tests/test_gpu_path.py checks against fp32 (`allow_fp16` in
+# model.toml; the worker uses it only with CVSERVE_FP16 on a GPU); add others once checked.
+# Not the FPN Faster R-CNNs: their RoI pooler picks each box's FPN level from its area
+# computed in the boxes' dtype, which overflows fp16 (max 65504) for boxes over 256x256 px,
+# so large objects would be pooled from the wrong level.
+FP16_SAFE = ("tiny_fasterrcnn",)
 # Measured (../shared/PERF.md): the R-CNN family runs ~2x faster per image in batches of
 # 2-4 on 2 CPU cores, so these wait a little for a batch to fill.
 BATCHING = {"max_batch_size": 4, "max_queue_delay_ms": 5.0}
@@ -311,6 +317,7 @@ def export_detector(arch: str, repository: Path, *, weights: str = "default",
             "weights": provenance.get(weights, f"checkpoint {Path(weights).name}"),
             "weights_kind": weights_kind(weights),
             "labels": "labels.txt",
+            "allow_fp16": arch in FP16_SAFE,
         }, {"input": _input_spec(model), "batching": batching,
             "thresholds": {"score_threshold": 0.5,
                            "max_detections": 100}})

@@ -31,9 +31,11 @@ from torchvision.utils import draw_bounding_boxes
 from cvserve.app.queue import Job
 
 from . import decoders
+from .gpu import Staged, decode_rgb_on, is_cuda, record_ready, staging
 from .imaging import decode_rgb, encode_png
 from .preprocess import preprocess
 from .task import Prepared, Task
+from .torchscript_backend import TorchScriptBackend
 
 
 class DetectionTask(Task):
@@ -46,26 +48,53 @@ class DetectionTask(Task):
             fixed_size=spec.fixed_size,
         ).eval()
         self.labels = self.cfg.label_names()
+        # A torchvision detector on a GPU: decode, normalize and resize on the device, on
+        # the decode thread's own stream, so that the next batch's copies and preprocessing
+        # overlap this batch's compute (worker/gpu.py); the host sends uint8 pixels (or,
+        # with gpu_jpeg_decode, the JPEG bytes), not 4-byte floats of the resized image.
+        self.on_device = (self.rcnn and isinstance(self.backend, TorchScriptBackend)
+                          and is_cuda(self.backend.device))
 
     @property
     def rcnn(self) -> bool:
         return self.cfg.input.resize == "rcnn"
 
     def prepare(self, job: Job) -> Prepared:
+        if self.on_device:
+            return self._prepare_on_device(job)
         image, info = decode_rgb(job.payload, self.settings.image_pixels)
         keep = image if job.params.get("render") == "png" else None
         if not self.rcnn:
             x, geometry = preprocess(image, self.cfg.input)
             return Prepared(job, x, {"original_size": (info.height, info.width),
                                      "geometry": geometry, "image": keep})
+        x = self._rcnn_input(image)
+        meta = {"original_size": (info.height, info.width), "resized_size": tuple(x.shape[-2:]),
+                "image": keep}
+        return Prepared(job, x, meta)
+
+    def _rcnn_input(self, image: torch.Tensor) -> torch.Tensor:
+        """# [3, H, W] uint8 -> [3, h, w] float, normalized and resized (model pixels), on
+        the image's device."""
         x = image.to(torch.float32).mul_(self.cfg.input.scale)
         if self.cfg.input.color == "BGR":
             x = x.flip(0)
         x = self.transform.normalize(x)
-        x, _ = self.transform.resize(x, None)  # [3, h, w] float, model pixels
+        x, _ = self.transform.resize(x, None)
+        return x
+
+    def _prepare_on_device(self, job: Job) -> Prepared:
+        """prepare() on the GPU: the input stays there, staged for the model thread."""
+        device = self.backend.device
+        with staging(device):
+            image, info = decode_rgb_on(job.payload, self.settings.image_pixels, device,
+                                        nvjpeg=getattr(self.settings, "gpu_jpeg_decode", False))
+            x = self._rcnn_input(image)
+            staged = Staged({"image": x}, record_ready())
+            keep = image.cpu() if job.params.get("render") == "png" else None
         meta = {"original_size": (info.height, info.width), "resized_size": tuple(x.shape[-2:]),
                 "image": keep}
-        return Prepared(job, x, meta)
+        return Prepared(job, staged, meta)
 
     def batch_key(self, item: Prepared) -> tuple[int, int] | None:
         """The padded input shape. Batching only images that pad to the same shape keeps a
@@ -82,16 +111,31 @@ class DetectionTask(Task):
         if not self.rcnn:
             out = self.backend.run({self.cfg.inputs[0]: np.stack([p.inputs for p in batch])})
             return [{k: v[i] for k, v in out.items()} for i in range(len(batch))]
-        images = self.transform.batch_images([p.inputs for p in batch],
-                                             self.cfg.input.size_divisible)
         sizes = np.array([p.meta["resized_size"] for p in batch], dtype=np.int64)
-        out = self.backend.run({"images": images.numpy(), "image_sizes": sizes})
+        if self.on_device:
+            out = self._run_on_device(batch, sizes)
+        else:
+            images = self.transform.batch_images([p.inputs for p in batch],
+                                                 self.cfg.input.size_divisible)
+            out = self.backend.run({"images": images.numpy(), "image_sizes": sizes})
         results = []
         for i in range(len(batch)):
             n = int(out["counts"][i])
             results.append({"boxes": out["boxes"][i, :n], "scores": out["scores"][i, :n],
                             "labels": out["labels"][i, :n]})
         return results
+
+    def _run_on_device(self, batch: list[Prepared], sizes: np.ndarray) -> dict[str, np.ndarray]:
+        """Pad the staged images into one batch on this thread's compute stream (which waits
+        for each item's staging; the thread does not) and run it. The sizes stay on the
+        host: the core reads them with int()."""
+        backend = self.backend
+        assert isinstance(backend, TorchScriptBackend)  # self.on_device says so
+        with backend.compute():
+            images = self.transform.batch_images([p.inputs.take()["image"] for p in batch],
+                                                 self.cfg.input.size_divisible)
+            return backend.run_staged(Staged({"images": images,
+                                              "image_sizes": torch.from_numpy(sizes)}))
 
     def finish(self, item: Prepared, output: dict[str, np.ndarray]) -> tuple[dict, bytes | None]:
         params = item.job.params

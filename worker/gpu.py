@@ -116,8 +116,8 @@ def upload(t: torch.Tensor, device: str | torch.device) -> torch.Tensor:
 
 # --- JPEG decoding on the GPU ------------------------------------------------------------
 def nvjpeg_refusal(data: bytes) -> str | None:
-    """Why this upload must be decoded by Pillow, or None when nvjpeg gives what Pillow
-    gives. Reads only the header (and EXIF block), never the pixels."""
+    """Why this upload must be decoded by Pillow, or None when nvjpeg decodes it to the same
+    picture (up to IDCT rounding). Reads only the header and EXIF block, not the pixels."""
     try:
         with Image.open(io.BytesIO(data)) as im:
             fmt, mode = im.format, im.mode

@@ -148,6 +148,9 @@ class ModelConfig(BaseModel):
     weights: str = "unknown"  # provenance shown in /models: pretrained, random, checkpoint
     # Which model answers a task by default: pretrained before demo before random.
     weights_kind: Literal["pretrained", "demo", "random"] = "pretrained"
+    # May run in half precision on a GPU when the worker has CVSERVE_FP16 on. The exporter
+    # sets it for architectures whose fp16 results are checked (tests/test_gpu_path.py).
+    allow_fp16: bool = False
     labels: str | None = "labels.txt"
     inputs: list[str] = ["images", "image_sizes"]
     outputs: list[str] = ["boxes", "scores", "labels", "counts"]
@@ -194,7 +197,7 @@ class ModelConfig(BaseModel):
         return {
             "name": self.name, "task": self.task, "backend": self.backend,
             "architecture": self.architecture, "weights": self.weights,
-            "weights_kind": self.weights_kind,
+            "weights_kind": self.weights_kind, "allow_fp16": self.allow_fp16,
             "labels": self.label_names(),
             "input": self.input.model_dump(mode="json"),
             "output": self.output.model_dump(mode="json"),
