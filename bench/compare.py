@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+import httpx
 import redis
 from detect_bench import (
     LOOPBACK,
@@ -78,6 +79,7 @@ class Stack:
     name: str
     rows: list[Row] = field(default_factory=list)
     note: str = ""  # skipped: ..., failed: ...
+    policy: dict[str, Any] = field(default_factory=dict)  # cvserve: the batching policy
 
     def at(self, level: str) -> Row | None:
         return next((r for r in self.rows if r.level == level), None)
@@ -195,6 +197,9 @@ def measure_stack(stack: Stack, server: Service, model: str, images: list[bytes]
     try:
         with server:
             asyncio.run(smoke_test(server.spec, model, images))
+            if server.spec.metrics_url is not None:  # cvserve: what its warm-up chose
+                stack.policy = httpx.get(f"{server.spec.url}/models/{model}",
+                                         timeout=10).json().get("batching_policy", {})
             for n in args.concurrency:
                 print(f"{stack.name} c{n}: {args.warmup:g} s warm-up + {args.duration:g} s ...",
                       file=sys.stderr)
@@ -336,6 +341,11 @@ def report(args: argparse.Namespace, name: str, stacks: list[Stack], found: dict
         if s.name.startswith("cvserve") and s.rows:
             print(f"\n{s.name}: server-side p50 ms (http+api = client p50 - total)\n"
                   f"{format_breakdown(s.rows)}")
+            if p := s.policy:
+                print(f"policy: batches up to {p.get('max_batch_size')}, queue delay "
+                      f"{p.get('max_queue_delay_ms')} ms, {p.get('instances')} instance(s) "
+                      f"({p.get('source')}); warm-up images/s by batch {p.get('throughput')}, "
+                      f"by instances {p.get('instance_throughput')}")
     print(f"\n{format_ratios(found)}")
     for s in stacks:
         if errors := format_errors(s.rows):
@@ -345,8 +355,8 @@ def report(args: argparse.Namespace, name: str, stacks: list[Stack], found: dict
             "model": name, "device": args.device, "cores": os.cpu_count(),
             "images": len(expected), "warmup_s": args.warmup, "duration_s": args.duration,
             "expected": expected, "ratios": found,
-            "stacks": {s.name: {"rows": [asdict(r) for r in s.rows], "note": s.note}
-                       for s in stacks}}, indent=2) + "\n")
+            "stacks": {s.name: {"rows": [asdict(r) for r in s.rows], "note": s.note,
+                                "policy": s.policy} for s in stacks}}, indent=2) + "\n")
         print(f"\nwrote {args.out}")
 
 

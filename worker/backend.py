@@ -54,6 +54,10 @@ class Backend(ABC):
     @abstractmethod
     def _run(self, inputs: Arrays) -> Arrays: ...
 
+    def set_threads(self, threads: int) -> None:  # noqa: B027 - optional: GPUs ignore it
+        """Use `threads` intra-op threads per run (the warm-up may choose one thread for
+        each of several instances over several threads for one)."""
+
     def describe(self) -> dict:
         return {"platform": self.platform, "device": self.device,
                 "batch_sizes": self.batch_sizes, "batch_mode": self.batch_mode}

@@ -35,32 +35,51 @@ class OnnxBackend(Backend):
 
     def __init__(self, cfg: ModelConfig, settings: Settings) -> None:
         super().__init__(cfg)
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = settings.intra_op_threads or settings.cores
-        opts.inter_op_num_threads = 1
-        # Spinning intra-op threads steal the cores that decoding needs (../shared/PERF.md).
-        opts.add_session_config_entry("session.intra_op.allow_spinning",
-                                      "1" if settings.onnx_spinning else "0")
+        self.spinning = settings.onnx_spinning
+        self.threads = settings.intra_op_threads or settings.cores
+        opts = self._options(self.threads)
         want = settings.device if settings.device != "auto" else "auto"
         providers = select_providers(ort.get_available_providers(), want)
         self.device = "cuda" if providers[0] != "CPUExecutionProvider" else "cpu"
         if self.device == "cpu" and resolve_device(settings.device) != "cpu":
             log.info("%s: onnxruntime has no GPU provider; running on the CPU", cfg.name)
+        self.providers = providers
+        # What each session is built from (a path, or a rewritten graph), to rebuild them
+        # with another thread count.
+        self._sources: dict[int, str | bytes] = {}
         if "{batch}" in cfg.file:
             self.batch_sizes = list(cfg.batching.batch_sizes or [1])
             self.batch_mode = "one graph per batch size"
-            self.sessions = {b: ort.InferenceSession(str(cfg.artifact(b)), opts,
-                                                     providers=providers)
-                             for b in self.batch_sizes}
+            self._sources = {b: str(cfg.artifact(b)) for b in self.batch_sizes}
+            self.sessions = {b: ort.InferenceSession(src, opts, providers=providers)
+                             for b, src in self._sources.items()}
         else:
             self.sessions = {0: self._load_single(cfg.artifact(), opts, providers)}
-        self.providers = providers
+
+    def _options(self, threads: int) -> ort.SessionOptions:
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = threads
+        opts.inter_op_num_threads = 1
+        # Spinning intra-op threads steal the cores that decoding needs (../shared/PERF.md).
+        opts.add_session_config_entry("session.intra_op.allow_spinning",
+                                      "1" if self.spinning else "0")
+        return opts
+
+    def set_threads(self, threads: int) -> None:
+        """Rebuild the sessions with `threads` intra-op threads each."""
+        if threads == self.threads:
+            return
+        self.threads = threads
+        opts = self._options(threads)
+        self.sessions = {b: ort.InferenceSession(src, opts, providers=self.providers)
+                         for b, src in self._sources.items()}
 
     def _load_single(self, path: Path, opts: ort.SessionOptions,
                      providers: list[str]) -> ort.InferenceSession:
         """One graph. A batch dimension fixed at N is served at N (a batch is padded up, or
         split); fixed at 1 with batching asked for, it is made symbolic when the rewritten
         graph gives, item for item, what the original gives, else served one at a time."""
+        self._sources[0] = str(path)
         sess = ort.InferenceSession(str(path), opts, providers=providers)
         dim = sess.get_inputs()[0].shape[0]
         if not isinstance(dim, int):
@@ -72,13 +91,14 @@ class OnnxBackend(Backend):
             self.batch_limit = dim
             return sess
         if self.cfg.batching.symbolic_batch:
-            candidate = ort.InferenceSession(symbolic_batch(onnx.load(str(path))), opts,
-                                             providers=providers)
+            rewritten = symbolic_batch(onnx.load(str(path)))
+            candidate = ort.InferenceSession(rewritten, opts, providers=providers)
             problem = compare_batched(sess, candidate, self.cfg)
             if problem is None:
                 log.info("%s: batch dimension made symbolic (checked against the fixed "
                          "graph)", self.cfg.name)
                 self.batch_sizes, self.batch_mode = None, "dynamic (made symbolic, verified)"
+                self._sources[0] = rewritten
                 return candidate
             log.warning("%s: graph has a fixed batch of 1 and making it symbolic changed "
                         "its outputs (%s); serving one image at a time", self.cfg.name,
@@ -93,7 +113,8 @@ class OnnxBackend(Backend):
         return dict(zip(names, sess.run(names, inputs), strict=True))
 
     def describe(self) -> dict:
-        return {**super().describe(), "providers": self.providers}
+        return {**super().describe(), "providers": self.providers,
+                "intra_op_threads": self.threads}
 
 
 def symbolic_batch(model: onnx.ModelProto) -> bytes:

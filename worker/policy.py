@@ -11,10 +11,10 @@ faster per image in batches of 2-4. A model.toml can pin the policy instead.
 from __future__ import annotations
 
 import logging
-import os
 import statistics
 import threading
 import time
+from collections.abc import Hashable
 from dataclasses import asdict, dataclass, field
 
 from .task import Prepared, Task
@@ -24,6 +24,7 @@ log = logging.getLogger("cvserve.policy")
 # A larger batch is worth forming when it raises throughput by at least this much over
 # the best smaller one: below it, the difference is within run-to-run noise here.
 MIN_GAIN = 0.10
+MAX_RUN_S = 2.0
 
 
 @dataclass
@@ -69,83 +70,95 @@ def choose(throughput: dict[int, float], max_queue_delay_ms: float) -> tuple[int
     return chosen, (max_queue_delay_ms if chosen > sizes[0] else 0.0)
 
 
-def measure(task: Task, items: list[Prepared], sizes: list[int],
-            min_rounds: int = 3, min_time_s: float = 0.5, budget_s: float = 30.0
-            ) -> dict[int, float]:
-    """Images/s at each batch size. Each size first runs twice untimed (graph optimizers
-    and allocators settle over the first runs); then rounds that run every size once, so
-    that a burst of load from elsewhere on the machine slows all sizes alike rather than
-    whichever was being measured. At least `min_rounds` rounds and `min_time_s`, at most
-    `budget_s`; a size's median run counts."""
-    batches = {b: [items[i % len(items)] for i in range(b)] for b in sizes}
-    for batch in batches.values():
-        for _ in range(2):
-            task.run(batch)
-    runs: dict[int, list[float]] = {b: [] for b in sizes}
-    start = time.perf_counter()
-    while True:
-        for b, batch in batches.items():
-            t0 = time.perf_counter()
-            task.run(batch)
-            runs[b].append(time.perf_counter() - t0)
-        spent = time.perf_counter() - start
-        rounds = len(runs[sizes[0]])
-        if rounds >= min_rounds and spent >= min_time_s or spent >= budget_s or rounds >= 50:
-            break
-    return {b: b / statistics.median(times) for b, times in runs.items()}
+def measure(task: Task, configs: dict[Hashable, tuple[list[Prepared], int]],
+            window_s: float = 0.3, rounds: int = 3) -> dict[Hashable, float]:
+    """Images/s of each configuration: `(batch, k)` is k threads each running `batch` back
+    to back (k model instances). Each configuration first runs twice untimed on each of
+    its threads (graph optimizers and allocators settle over the first runs); then rounds
+    of one `window_s` window per configuration, interleaved, so that a burst of load from
+    elsewhere on the machine slows all of them alike; the median window counts."""
+    def repeat(batch: list[Prepared], k: int, until: float | None) -> int:
+        done = [0] * k
 
+        def loop(i: int) -> None:
+            runs = 0
+            while (runs < 2) if until is None else (time.perf_counter() < until):
+                task.run(batch)
+                runs += 1
+                done[i] += len(batch)
 
-def measure_instances(task: Task, batch: list[Prepared], counts: list[int],
-                      window_s: float = 0.3, rounds: int = 3) -> dict[int, float]:
-    """Images/s with k threads each running `batch` back to back, for each k in `counts`;
-    interleaved windows, as in `measure`. A model whose single run leaves cores idle
-    (a small ONNX graph on a CPU, whose intra-op threads scale poorly) gains from a
-    second instance; one that already fills the machine does not."""
-    done: dict[int, list[float]] = {k: [] for k in counts}
+        threads = [threading.Thread(target=loop, args=(i,)) for i in range(k)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        return sum(done)
+
+    for batch, k in configs.values():
+        repeat(batch, k, None)
+    windows: dict[Hashable, list[float]] = {key: [] for key in configs}
     for _ in range(rounds):
-        for k in counts:
-            images = [0] * k
-            stop = time.perf_counter() + window_s
-
-            def loop(i: int, stop: float = stop, images: list[int] = images) -> None:
-                while time.perf_counter() < stop:
-                    task.run(batch)
-                    images[i] += len(batch)
-
+        for key, (batch, k) in configs.items():
             t0 = time.perf_counter()
-            threads = [threading.Thread(target=loop, args=(i,)) for i in range(k)]
-            for t in threads:
-                t.start()
-            for t in threads:
-                t.join()
-            done[k].append(sum(images) / (time.perf_counter() - t0))
-    return {k: statistics.median(v) for k, v in done.items()}
+            images = repeat(batch, k, t0 + window_s)
+            windows[key].append(images / (time.perf_counter() - t0))
+    return {key: statistics.median(v) for key, v in windows.items()}
+
+
+def choose_instances(task: Task, one: list[Prepared]) -> tuple[int, dict[int, float]]:
+    """One instance with every core's intra-op threads, or one single-threaded instance per
+    core, at batch 1. Measured here on YOLOX-Nano (onnxruntime, 2 cores): 42-46 images/s
+    for the first, 67-76 for the second (intra-op threads synchronize on every one of its
+    ~400 small ops); a model whose run fills the cores anyway gains nothing and keeps one
+    instance. On a GPU: one instance or two, threads as they are."""
+    cores = task.settings.cores
+    if cores < 2:
+        return 1, {}
+    single = measure(task, {1: (one, 1)})[1]
+    on_cpu = task.backend.device == "cpu"
+    count = cores if on_cpu else 2
+    if on_cpu:
+        task.backend.set_threads(1)
+    multi = measure(task, {count: (one, count)})[count]
+    if multi >= single * (1 + MIN_GAIN):
+        return count, {1: single, count: multi}
+    task.backend.set_threads(cores)
+    return 1, {1: single, count: multi}
 
 
 def warm_up(task: Task, limit: int) -> BatchPolicy:
-    """Run the model at each batch size it may use and set its policy."""
+    """Run the model at each batch size it may use and set its policy: first how many
+    instances run side by side, then, with that many, how large a batch pays."""
     t0 = time.perf_counter()
     batching = task.cfg.batching
     items = [task.timed_prepare(job) for job in task.warmup_jobs()]
     sizes = candidate_sizes(limit, task.backend.batch_sizes)
-    throughput = measure(task, items, sizes)
-    if batching.policy == "fixed":
-        policy = BatchPolicy(limit, batching.max_queue_delay_ms, "model.toml",
-                             instances=batching.instances or 1, throughput=throughput)
+    batches = {b: [items[i % len(items)] for i in range(b)] for b in sizes}
+    fixed = batching.policy == "fixed"
+    instances, by_instances = batching.instances or 1, {}
+    if batching.instances is None and not fixed and not task.settings.intra_op_threads:
+        instances, by_instances = choose_instances(task, batches[sizes[0]])
+    # Sizes whose one run would take over MAX_RUN_S are not tried (a large model on a
+    # CPU): the warm-up stays within seconds, and the batches those sizes would form
+    # would hold their first request that long anyway.
+    first = measure(task, {sizes[0]: (batches[sizes[0]], instances)}, rounds=1)[sizes[0]]
+    tried = [b for b in sizes if b == sizes[0] or b * instances / first <= MAX_RUN_S]
+    if len(tried) < len(sizes):
+        log.info("%s: batch sizes %s not tried: a run would take over %g s",
+                 task.cfg.name, sizes[len(tried):], MAX_RUN_S)
+    throughput = measure(task, {b: (batches[b], instances) for b in tried})
+    if fixed:  # as written, even where sizes were not tried
+        policy = BatchPolicy(limit, batching.max_queue_delay_ms, "model.toml")
     else:
         chosen, delay = choose(throughput, batching.max_queue_delay_ms)
-        policy = BatchPolicy(chosen, delay, "measured", throughput=throughput)
-        if batching.instances is not None:
-            policy.instances = batching.instances
-        else:
-            counts = list(range(1, min(2, len(os.sched_getaffinity(0))) + 1))
-            batch = [items[i % len(items)] for i in range(chosen)]
-            policy.instance_throughput = measure_instances(task, batch, counts)
-            policy.instances, _ = choose(policy.instance_throughput, 0.0)
+        policy = BatchPolicy(chosen, delay, "measured")
+    policy.instances, policy.instance_throughput = instances, by_instances
+    policy.throughput = throughput  # type: ignore[assignment]
     policy.warmup_s = time.perf_counter() - t0
     curve = ", ".join(f"{b}: {v:.1f}/s" for b, v in throughput.items())
-    log.info("%s: warm-up took %.1f s; images/s by batch size {%s} -> batches up to %d, "
-             "queue delay %g ms, %d instance(s) (%s)", task.cfg.name, policy.warmup_s, curve,
-             policy.max_batch_size, policy.max_queue_delay_ms, policy.instances,
-             policy.source)
+    log.info("%s: warm-up took %.1f s; %d instance(s) (images/s by instances %s); images/s "
+             "by batch size {%s} -> batches up to %d, queue delay %g ms (%s)",
+             task.cfg.name, policy.warmup_s, instances,
+             {k: round(v, 1) for k, v in by_instances.items()}, curve,
+             policy.max_batch_size, policy.max_queue_delay_ms, policy.source)
     return policy
