@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import numpy as np
 import torch
@@ -54,9 +56,15 @@ class Backend(ABC):
     @abstractmethod
     def _run(self, inputs: Arrays) -> Arrays: ...
 
-    def set_threads(self, threads: int) -> None:  # noqa: B027 - optional: GPUs ignore it
+    def set_threads(self, threads: int, keep: bool = False) -> None:  # noqa: B027
         """Use `threads` intra-op threads per run (the warm-up may choose one thread for
-        each of several instances over several threads for one)."""
+        each of several instances over several threads for one). With `keep`, runs inside
+        `solo_threads()` still get the previous count. Optional: GPUs ignore it."""
+
+    @contextmanager
+    def solo_threads(self) -> Iterator[None]:
+        """Runs in this block may use every core (a batch running alone)."""
+        yield
 
     def describe(self) -> dict:
         return {"platform": self.platform, "device": self.device,

@@ -61,6 +61,7 @@ class ModelRunner:
         # Batches run at once (Triton's instance count): one model thread each.
         self.instances = self.policy.instances
         self._slots = asyncio.Semaphore(self.instances)
+        self._running = 0  # batches on the model now
         # Jobs held at once (being decoded or ready): enough to decode one batch ahead
         # for every instance.
         self.capacity = 2 * self.max_batch_size * self.instances
@@ -222,13 +223,19 @@ class ModelRunner:
         loop = asyncio.get_running_loop()
         start_ms = now_ms()
         t0 = time.perf_counter()
+        # Alone on the machine (no other batch running, none waiting or being decoded):
+        # the backend may use every core for this one.
+        solo = self._running == 0 and not self.ready and self._preparing == 0
+        self._running += 1
         try:
-            outputs = await loop.run_in_executor(self.model_thread, self.task.run, batch)
+            outputs = await loop.run_in_executor(self.model_thread, self._call, batch, solo)
         except asyncio.CancelledError:
             raise
         except Exception as exc:
             await self._isolate(batch, exc)
             return
+        finally:
+            self._running -= 1
         infer_s = time.perf_counter() - t0
         self._count_batch(len(batch), infer_s)
         for item, output in zip(batch, outputs, strict=True):
@@ -236,6 +243,12 @@ class ModelRunner:
                 0.0, start_ms - item.job.enqueued_ms - item.timing_ms["preprocess"])
             item.timing_ms["inference"] = infer_s * 1000
             self._spawn(self._finish(item, output))
+
+    def _call(self, batch: list[Prepared], solo: bool) -> Any:
+        if not solo:
+            return self.task.run(batch)
+        with self.task.backend.solo_threads():
+            return self.task.run(batch)
 
     def _count_batch(self, size: int, infer_s: float) -> None:
         metrics.EXECUTIONS.labels(self.name).inc()

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import logging
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -47,6 +50,9 @@ class OnnxBackend(Backend):
         # What each session is built from (a path, or a rewritten graph), to rebuild them
         # with another thread count.
         self._sources: dict[int, str | bytes] = {}
+        # Sessions with another thread count, kept for runs that want them.
+        self._kept: dict[int, dict[int, ort.InferenceSession]] = {}
+        self._local = threading.local()
         if "{batch}" in cfg.file:
             self.batch_sizes = list(cfg.batching.batch_sizes or [1])
             self.batch_mode = "one graph per batch size"
@@ -65,14 +71,33 @@ class OnnxBackend(Backend):
                                       "1" if self.spinning else "0")
         return opts
 
-    def set_threads(self, threads: int) -> None:
-        """Rebuild the sessions with `threads` intra-op threads each."""
+    def set_threads(self, threads: int, keep: bool = False) -> None:
+        """Run with `threads` intra-op threads per session from now on. With `keep`, the
+        current sessions stay loaded too, for runs that ask for them (`solo_threads`)."""
         if threads == self.threads:
             return
+        if keep:
+            self._kept[self.threads] = self.sessions
         self.threads = threads
+        self.sessions = self._kept.pop(threads, None) or self._build(threads)
+
+    def _build(self, threads: int) -> dict[int, ort.InferenceSession]:
         opts = self._options(threads)
-        self.sessions = {b: ort.InferenceSession(src, opts, providers=self.providers)
-                         for b, src in self._sources.items()}
+        return {b: ort.InferenceSession(src, opts, providers=self.providers)
+                for b, src in self._sources.items()}
+
+    @contextmanager
+    def solo_threads(self) -> Iterator[None]:
+        """This thread's runs use the kept sessions with more threads, if any: a batch
+        that runs alone on the machine is faster on every core."""
+        if not self._kept:
+            yield
+            return
+        self._local.sessions = next(iter(self._kept.values()))
+        try:
+            yield
+        finally:
+            self._local.sessions = None
 
     def _load_single(self, path: Path, opts: ort.SessionOptions,
                      providers: list[str]) -> ort.InferenceSession:
@@ -108,7 +133,8 @@ class OnnxBackend(Backend):
 
     def _run(self, inputs: Arrays) -> Arrays:
         n = next(iter(inputs.values())).shape[0]
-        sess = self.sessions.get(n) or self.sessions[0]
+        sessions = getattr(self._local, "sessions", None) or self.sessions
+        sess = sessions.get(n) or sessions[0]
         names = [o.name for o in sess.get_outputs()]
         return dict(zip(names, sess.run(names, inputs), strict=True))
 

@@ -110,15 +110,17 @@ def choose_instances(task: Task, one: list[Prepared]) -> tuple[int, dict[int, fl
     core, at batch 1. Measured here on YOLOX-Nano (onnxruntime, 2 cores): 42-46 images/s
     for the first, 67-76 for the second (intra-op threads synchronize on every one of its
     ~400 small ops); a model whose run fills the cores anyway gains nothing and keeps one
-    instance. On a GPU: one instance or two, threads as they are."""
+    instance. With single-threaded instances an onnxruntime model keeps its
+    multi-threaded sessions too, for a batch that runs alone (low load keeps the latency
+    of one run on every core). On a GPU: one instance or two, threads as they are."""
     cores = task.settings.cores
     if cores < 2:
         return 1, {}
     single = measure(task, {1: (one, 1)})[1]
     on_cpu = task.backend.device == "cpu"
     count = cores if on_cpu else 2
-    if on_cpu:
-        task.backend.set_threads(1)
+    if on_cpu:  # the multi-threaded sessions stay, for a batch that runs alone
+        task.backend.set_threads(1, keep=True)
     multi = measure(task, {count: (one, count)})[count]
     if multi >= single * (1 + MIN_GAIN):
         return count, {1: single, count: multi}

@@ -72,7 +72,7 @@ class TorchScriptBackend(Backend):
 
     @property
 
-    def set_threads(self, threads: int) -> None:
+    def set_threads(self, threads: int, keep: bool = False) -> None:
         """torch's intra-op pool is per process: this sets it for every TorchScript model
         of the worker (the warm-up only does so on the CPU)."""
         if self.device == "cpu":
