@@ -70,14 +70,13 @@ class TorchScriptBackend(Backend):
             self.module.half()
         self._local = threading.local()  # CUDA: each model thread's compute stream
 
-    @property
-
     def set_threads(self, threads: int, keep: bool = False) -> None:
         """torch's intra-op pool is per process: this sets it for every TorchScript model
         of the worker (the warm-up only does so on the CPU)."""
         if self.device == "cpu":
             torch.set_num_threads(threads)
 
+    @property
     def compute_stream(self) -> torch.cuda.Stream | None:
         """The calling thread's compute stream (made on first use); None on the CPU.
 
