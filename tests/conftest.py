@@ -38,6 +38,7 @@ def random_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     repo = tmp_path_factory.mktemp("repo-random")
     export_detector(DEFAULT_DETECTOR, repo, weights="random", fmt="torchscript",
                     name="frcnn-ts", check=False)
+    pin_batching(repo / "frcnn-ts")  # these tests need no measured policy; start faster
     return repo
 
 

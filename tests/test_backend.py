@@ -110,3 +110,28 @@ def test_batch_fixed_at_one_that_cannot_batch_runs_one_at_a_time(tmp_path: Path,
     x = np.random.default_rng(1).normal(size=(3, 3, 4)).astype(np.float32)
     np.testing.assert_allclose(backend.run({"x": x})["y"], one_at_a_time(MixesBatch(), x),
                                rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_solo_runs_use_the_kept_multithreaded_sessions(tmp_path: Path) -> None:
+    backend = load_backend(load_config(single_graph_model(tmp_path, Flatten())),
+                           Settings(device="cpu", intra_op_threads=0))
+    many = backend.threads
+    backend.set_threads(1, keep=True)
+    x = np.random.default_rng(2).normal(size=(2, 3, 4)).astype(np.float32)
+    plain = backend.run({"x": x})["y"]
+    used = {}
+    real_run = backend._run
+
+    def spy(inputs: dict) -> dict:
+        sessions = getattr(backend._local, "sessions", None) or backend.sessions
+        used["threads"] = sessions[0].get_session_options().intra_op_num_threads
+        return real_run(inputs)
+
+    backend._run = spy  # type: ignore[method-assign]
+    backend.run({"x": x})
+    assert used["threads"] == 1
+    with backend.solo_threads():
+        solo = backend.run({"x": x})["y"]
+    assert used["threads"] == many
+    np.testing.assert_allclose(solo, plain, rtol=1e-6)

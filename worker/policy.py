@@ -140,22 +140,27 @@ def warm_up(task: Task, limit: int) -> BatchPolicy:
     instances, by_instances = batching.instances or 1, {}
     if batching.instances is None and not fixed and not task.settings.intra_op_threads:
         instances, by_instances = choose_instances(task, batches[sizes[0]])
-    # Sizes whose one run would take over MAX_RUN_S are not tried (a large model on a
-    # CPU): the warm-up stays within seconds, and the batches those sizes would form
-    # would hold their first request that long anyway.
-    first = measure(task, {sizes[0]: (batches[sizes[0]], instances)}, rounds=1)[sizes[0]]
-    tried = [b for b in sizes if b == sizes[0] or b * instances / first <= MAX_RUN_S]
-    if len(tried) < len(sizes):
-        log.info("%s: batch sizes %s not tried: a run would take over %g s",
-                 task.cfg.name, sizes[len(tried):], MAX_RUN_S)
-    throughput = measure(task, {b: (batches[b], instances) for b in tried})
-    if fixed:  # as written, even where sizes were not tried
+    if fixed:  # as written: warm-up runs at each size (Triton's model_warmup), no timing
+        for batch in batches.values():
+            for _ in range(2):
+                task.run(batch)
         policy = BatchPolicy(limit, batching.max_queue_delay_ms, "model.toml")
+        throughput: dict[int, float] = {}
     else:
+        # Sizes whose one run would take over MAX_RUN_S are not tried (a large model on a
+        # CPU): the warm-up stays within seconds, and the batches those sizes would form
+        # would hold their first request that long anyway.
+        first = measure(task, {sizes[0]: (batches[sizes[0]], instances)},
+                        rounds=1)[sizes[0]]
+        tried = [b for b in sizes if b == sizes[0] or b * instances / first <= MAX_RUN_S]
+        if len(tried) < len(sizes):
+            log.info("%s: batch sizes %s not tried: a run would take over %g s",
+                     task.cfg.name, sizes[len(tried):], MAX_RUN_S)
+        throughput = measure(task, {b: (batches[b], instances) for b in tried})
         chosen, delay = choose(throughput, batching.max_queue_delay_ms)
         policy = BatchPolicy(chosen, delay, "measured")
     policy.instances, policy.instance_throughput = instances, by_instances
-    policy.throughput = throughput  # type: ignore[assignment]
+    policy.throughput = throughput
     policy.warmup_s = time.perf_counter() - t0
     curve = ", ".join(f"{b}: {v:.1f}/s" for b, v in throughput.items())
     log.info("%s: warm-up took %.1f s; %d instance(s) (images/s by instances %s); images/s "
