@@ -9,12 +9,14 @@ One invocation, one model, each stack alone on the machine (never two at once):
 4. cvserve redis: `cvserve api` + `cvserve worker` over --redis-url (keys deleted after);
 5. cvserve unbatched (--unbatched-too): `cvserve run` on a copy of the model with
    max_batch_size = 1;
-6. Triton (PyTriton, dynamic batching): reported as skipped (not implemented here).
+6. Triton (PyTriton, dynamic batching 16 / 5 ms): bench/triton_server.py, the same stages
+   in Triton's batches, KServe v2 requests with binary data (skipped without PyTriton).
 
 Every answer is checked against the detections the task itself gives for that image,
 computed in this process before any server starts; a mismatch counts as an error.
 
     python bench/compare.py --yolox ../shared/models --duration 3 --warmup 1 --concurrency 1,4
+    python bench/compare.py --yolox ../shared/models --stacks plain,triton
     python bench/compare.py --frcnn --unbatched-too --out frcnn.json
     python bench/compare.py --model-repository models --model demo-detector
 
@@ -25,14 +27,16 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import importlib.util
 import json
 import os
 import re
 import shutil
+import subprocess
 import sys
 import tempfile
+import time
 import tomllib
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -43,10 +47,17 @@ import httpx
 import redis
 from detect_bench import (
     LOOPBACK,
+    READY_TIMEOUT_S,
+    REQUEST_TIMEOUT_S,
+    WRONG_ANSWER,
+    Answer,
+    BatchCounts,
     Check,
+    Post,
     Row,
     Service,
     ServiceSpec,
+    batch_histogram,
     benchmark_raw,
     delete_redis_keys,
     export_random_model,
@@ -54,13 +65,24 @@ from detect_bench import (
     format_breakdown,
     format_errors,
     format_table,
+    free_port,
     generated_images,
     measure_level,
+    post_detect,
     service_spec,
     smoke_test,
 )
+from prometheus_client.parser import text_string_to_metric_families
+from triton_server import HEADER_LENGTH, infer_answer, infer_request
 
 PLAIN_SERVER = Path(__file__).resolve().parent / "plain_server.py"
+TRITON_SERVER = Path(__file__).resolve().parent / "triton_server.py"
+# As ../shared/PERF.md measured Triton: batches of up to 16 requests, 5 ms queue delay.
+TRITON_MAX_BATCH = 16
+TRITON_QUEUE_DELAY_MS = 5.0
+# Triton's counters (port 8002 by default): images inferred, model executions.
+TRITON_IMAGES, TRITON_BATCHES = "nv_inference_count", "nv_inference_exec_count"
+STACKS = ("backend", "plain", "embedded", "redis", "unbatched", "triton")
 DEFAULT_IMAGES = Path(__file__).resolve().parents[2] / "shared" / "testdata"
 SCORE_TOLERANCE = 0.02
 BOX_TOLERANCE_PX = 3.0
@@ -189,22 +211,130 @@ class PlainServer(Service):
         return [sys.executable, str(PLAIN_SERVER), *self.args]
 
 
+class TritonServer(Service):
+    """bench/triton_server.py: PyTriton starts tritonserver and serves the model through it.
+    Ready when Triton says the model is; answers KServe v2 (post_triton)."""
+
+    def __init__(self, spec: ServiceSpec, log_dir: Path, repository: Path, model: str,
+                 python: str) -> None:
+        super().__init__(spec, log_dir)
+        self.model = model
+        self.python = python
+        self.args = ["--model-repository", str(repository), "--model", model,
+                     "--http-port", str(urlsplit(spec.url).port),
+                     "--grpc-port", str(free_port()),
+                     "--metrics-port", str(urlsplit(spec.metrics_url or "").port),
+                     "--max-batch-size", str(TRITON_MAX_BATCH),
+                     "--max-queue-delay-ms", f"{TRITON_QUEUE_DELAY_MS:g}"]
+
+    def argv(self, command: str) -> list[str]:
+        return [self.python, str(TRITON_SERVER), *self.args]
+
+    def wait_ready(self, timeout_s: float = READY_TIMEOUT_S) -> None:
+        """Until Triton's model readiness answers 200 (tritonserver up, the model loaded)."""
+        url = f"{self.spec.url}/v2/models/{self.model}/ready"
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            proc = self.procs["triton"]
+            if proc.poll() is not None:
+                raise SystemExit(f"triton_server.py exited with {proc.returncode}:\n"
+                                 f"{self.log_tail('triton')}")
+            try:
+                if httpx.get(url, timeout=2, trust_env=False).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        raise SystemExit(f"Triton not ready in {timeout_s:g} s:\n{self.log_tail('triton')}")
+
+
+async def post_triton(client: httpx.AsyncClient, data: bytes, model: str,
+                      check: Callable[[dict[str, Any]], bool] | None = None) -> Answer:
+    """One image as a KServe v2 infer request (binary data: the raw image bytes follow the
+    JSON header), as post_detect sends it to /detect; an answer that cannot be read counts
+    as a wrong one."""
+    t0 = time.perf_counter()
+    body, headers = infer_request(data)
+    try:
+        r = await client.post(f"/v2/models/{model}/infer", content=body, headers=headers)
+    except httpx.HTTPError:
+        t1 = time.perf_counter()
+        return Answer(t1, t1 - t0, 0, {})
+    t1 = time.perf_counter()
+    if r.status_code != 200:
+        return Answer(t1, t1 - t0, r.status_code, {})
+    try:
+        answer = infer_answer(r.content, r.headers.get(HEADER_LENGTH))
+    except ValueError:
+        return Answer(t1, t1 - t0, WRONG_ANSWER, {})
+    status = WRONG_ANSWER if check is not None and not check(answer) else 200
+    return Answer(t1, t1 - t0, status, {})
+
+
+async def triton_batch_counts(client: httpx.AsyncClient, metrics_url: str | None,
+                              model: str) -> tuple[float, float]:
+    """(images inferred, model executions) so far, from Triton's metrics."""
+    if metrics_url is None:
+        return 0.0, 0.0
+    found = {TRITON_IMAGES: 0.0, TRITON_BATCHES: 0.0}
+    for family in text_string_to_metric_families((await client.get(metrics_url)).text):
+        if family.name in found:
+            found[family.name] = sum(s.value for s in family.samples
+                                     if s.labels.get("model") == model)
+    return found[TRITON_IMAGES], found[TRITON_BATCHES]
+
+
+async def triton_smoke_test(spec: ServiceSpec, model: str, images: list[bytes]) -> None:
+    """smoke_test for Triton: each image once, one at a time, fail fast on an error."""
+    async with httpx.AsyncClient(base_url=spec.url, timeout=REQUEST_TIMEOUT_S,
+                                 trust_env=False) as client:
+        for i, data in enumerate(images):
+            body, headers = infer_request(data)
+            r = await client.post(f"/v2/models/{model}/infer", content=body, headers=headers)
+            if r.status_code != 200:
+                raise SystemExit(f"image {i}: Triton answered {r.status_code}: {r.text}")
+            infer_answer(r.content, r.headers.get(HEADER_LENGTH))
+
+
+def triton_note(python: str) -> str | None:
+    """Why the Triton stack cannot run with this interpreter, or None when it can."""
+    try:
+        probe = subprocess.run(
+            [python, "-c", "import pytriton, numpy; print(numpy.__version__)"],
+            capture_output=True, text=True, timeout=120)
+    except OSError as exc:
+        return f"skipped: cannot run {python} ({exc})"
+    if probe.returncode != 0:
+        return (f"skipped: pytriton not installed for {python} (in a venv: pip install "
+                "-e '.[triton]', then --triton-python VENV/bin/python; bench/README.md)")
+    numpy_version = probe.stdout.split()[-1]
+    if int(numpy_version.split(".")[0]) >= 2:
+        return (f"skipped: numpy {numpy_version} for {python}; PyTriton's "
+                "tritonserver stub needs numpy < 2 (--triton-python of a venv that has it)")
+    return None
+
+
 def measure_stack(stack: Stack, server: Service, model: str, images: list[bytes],
-                  check: Check, args: argparse.Namespace) -> Stack:
+                  check: Check, args: argparse.Namespace, *,
+                  smoke: Callable[[ServiceSpec, str, list[bytes]], Awaitable[None]] = smoke_test,
+                  post: Post = post_detect,
+                  batch_counts: BatchCounts = batch_histogram) -> Stack:
     """Start the server, send each image once, then each concurrency level; a server that
-    fails to start or answer is reported as failed, and the next stack runs."""
+    fails to start or answer is reported as failed, and the next stack runs. The server's
+    protocol: `smoke`, `post` and `batch_counts` (cvserve's /detect by default)."""
     server.log_dir.mkdir(parents=True)
     try:
         with server:
-            asyncio.run(smoke_test(server.spec, model, images))
-            if server.spec.metrics_url is not None:  # cvserve: what its warm-up chose
+            asyncio.run(smoke(server.spec, model, images))
+            if stack.name.startswith("cvserve"):  # what its warm-up chose
                 stack.policy = httpx.get(f"{server.spec.url}/models/{model}",
                                          timeout=10).json().get("batching_policy", {})
             for n in args.concurrency:
                 print(f"{stack.name} c{n}: {args.warmup:g} s warm-up + {args.duration:g} s ...",
                       file=sys.stderr)
                 stack.rows.append(asyncio.run(measure_level(
-                    server.spec, model, images, n, args.warmup, args.duration, check)))
+                    server.spec, model, images, n, args.warmup, args.duration, check,
+                    post=post, batch_counts=batch_counts)))
     except SystemExit as exc:
         print(f"{stack.name}: {exc}", file=sys.stderr)
         stack.note = f"failed: {str(exc).splitlines()[0]}"
@@ -223,35 +353,42 @@ def redis_note(url: str) -> str | None:
 
 def run_stacks(args: argparse.Namespace, workdir: Path, repository: Path, name: str,
                images: list[bytes], check: Check, max_batch: int) -> list[Stack]:
-    """Each stack in turn, alone on the machine: backend, plain, cvserve's modes, Triton."""
-    def serve(stack: Stack, server: Service) -> Stack:
-        return measure_stack(stack, server, name, images, check, args)
+    """Each stack of --stacks in turn, alone on the machine: backend, plain, cvserve's
+    modes, Triton."""
+    def serve(stack: Stack, server: Service, **protocol: Any) -> Stack:
+        return measure_stack(stack, server, name, images, check, args, **protocol)
 
     def cvserve(repo: Path, redis_url: str | None = None) -> ServiceSpec:
         return service_spec(repo, name, args.device, redis_url)
 
-    stacks = [Stack("backend alone", benchmark_raw(repository / name, images, args.device,
-                                                   args.warmup, args.duration))]
-    plain_spec = cvserve(repository)
-    plain_spec.commands, plain_spec.metrics_url = ["plain"], None
-    plain = serve(Stack("plain server"),
-                  PlainServer(plain_spec, workdir / "plain", repository, name))
-    for row in plain.rows:
-        row.mean_batch = 1.0  # one model call per request, by construction
-    stacks += [plain, serve(Stack("cvserve embedded"),
-                            Service(cvserve(repository), workdir / "embedded"))]
+    stacks = []
+    if "backend" in args.stacks:
+        stacks.append(Stack("backend alone", benchmark_raw(
+            repository / name, images, args.device, args.warmup, args.duration)))
+    if "plain" in args.stacks:
+        plain_spec = cvserve(repository)
+        plain_spec.commands, plain_spec.metrics_url = ["plain"], None
+        plain = serve(Stack("plain server"),
+                      PlainServer(plain_spec, workdir / "plain", repository, name))
+        for row in plain.rows:
+            row.mean_batch = 1.0  # one model call per request, by construction
+        stacks.append(plain)
+    if "embedded" in args.stacks:
+        stacks.append(serve(Stack("cvserve embedded"),
+                            Service(cvserve(repository), workdir / "embedded")))
 
-    redis_stack = Stack("cvserve redis", note=redis_note(args.redis_url) or "")
-    if not redis_stack.note:
-        spec = cvserve(repository, args.redis_url)
-        try:
-            serve(redis_stack, Service(spec, workdir / "redis"))
-        finally:
-            if spec.key_prefix:  # never an empty prefix: that would match every key
-                delete_redis_keys(args.redis_url, spec.key_prefix)
-    stacks.append(redis_stack)
+    if "redis" in args.stacks:
+        redis_stack = Stack("cvserve redis", note=redis_note(args.redis_url) or "")
+        if not redis_stack.note:
+            spec = cvserve(repository, args.redis_url)
+            try:
+                serve(redis_stack, Service(spec, workdir / "redis"))
+            finally:
+                if spec.key_prefix:  # never an empty prefix: that would match every key
+                    delete_redis_keys(args.redis_url, spec.key_prefix)
+        stacks.append(redis_stack)
 
-    if args.unbatched_too:
+    if "unbatched" in args.stacks:
         unbatched = Stack("cvserve unbatched")
         if max_batch > 1:
             copy = unbatched_copy(repository, name, workdir)
@@ -260,10 +397,18 @@ def run_stacks(args: argparse.Namespace, workdir: Path, repository: Path, name: 
             unbatched.note = "skipped: the model's max_batch_size is already 1"
         stacks.append(unbatched)
 
-    triton = "pytriton installed, but this stack is not implemented in compare.py yet"
-    if importlib.util.find_spec("pytriton") is None:
-        triton = "pytriton not installed"
-    return [*stacks, Stack("triton (pytriton)", note=f"skipped: {triton}")]
+    if "triton" in args.stacks:
+        triton = Stack("triton (pytriton)", note=triton_note(args.triton_python) or "")
+        if not triton.note:
+            # The same environment as the others (CVSERVE_DEVICE ...); Triton's own ports.
+            spec = cvserve(repository)
+            spec.commands = ["triton"]
+            spec.metrics_url = f"http://127.0.0.1:{free_port()}/metrics"
+            serve(triton, TritonServer(spec, workdir / "triton", repository, name,
+                                       args.triton_python),
+                  smoke=triton_smoke_test, post=post_triton, batch_counts=triton_batch_counts)
+        stacks.append(triton)
+    return stacks
 
 
 # --- the report --------------------------------------------------------------------------
@@ -385,6 +530,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="the Redis for `cvserve redis` (default redis://127.0.0.1:6379/0)")
     p.add_argument("--unbatched-too", action="store_true",
                    help="also run cvserve embedded with max_batch_size = 1")
+    p.add_argument("--stacks", default=",".join(s for s in STACKS if s != "unbatched"),
+                   help=f"comma-separated stacks to run, of {','.join(STACKS)} (default: all "
+                        "but unbatched, which --unbatched-too adds)")
+    p.add_argument("--triton-python", default=sys.executable,
+                   help="the Python that runs bench/triton_server.py, e.g. a venv's with "
+                        "PyTriton (default: this one)")
     p.add_argument("--out", type=Path, default=None, help="also write everything as JSON")
     args = p.parse_args(argv)
     if (args.model_repository is None) != (args.model is None):
@@ -395,6 +546,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error(f"--concurrency takes numbers like 1,4,16, got '{args.concurrency}'")
     if min(args.concurrency) < 1 or args.duration <= 0 or args.warmup < 0:
         p.error("--concurrency must be >= 1, --duration > 0 and --warmup >= 0")
+    args.stacks = {s.strip() for s in args.stacks.split(",") if s.strip()}
+    if unknown := args.stacks - set(STACKS):
+        p.error(f"--stacks: unknown {', '.join(sorted(unknown))}; the stacks are "
+                f"{','.join(STACKS)}")
+    if not args.stacks:
+        p.error(f"--stacks: name at least one of {','.join(STACKS)}")
+    if args.unbatched_too:
+        args.stacks.add("unbatched")
     if urlsplit(args.redis_url).hostname not in LOOPBACK:
         p.error(f"--redis-url must point at 127.0.0.1, got '{args.redis_url}'")
     return args

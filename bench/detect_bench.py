@@ -35,7 +35,7 @@ import tempfile
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -90,6 +90,15 @@ class Answer:
     latency_s: float
     status: int  # HTTP status; 0 when no answer came (connection error, timeout)
     timing_ms: dict[str, float]
+
+
+# One request as a client sends it: (client, image, model, check of its answer or None) ->
+# what came back. post_detect by default; a server of another protocol brings its own.
+Post = Callable[[httpx.AsyncClient, bytes, str, Callable[[dict[str, Any]], bool] | None],
+                Awaitable[Answer]]
+# (client, metrics URL, model) -> (images, batches) the server has run so far; the mean
+# batch of a window is the ratio of their deltas. batch_histogram by default.
+BatchCounts = Callable[[httpx.AsyncClient, str | None, str], Awaitable[tuple[float, float]]]
 
 
 # --- inputs ------------------------------------------------------------------------------
@@ -257,14 +266,15 @@ async def post_detect(client: httpx.AsyncClient, data: bytes, model: str,
 
 
 async def client_loop(client: httpx.AsyncClient, images: list[bytes], first: int, model: str,
-                      stop_s: float, answers: list[Answer], check: Check | None = None) -> None:
+                      stop_s: float, answers: list[Answer], check: Check | None = None,
+                      post: Post = post_detect) -> None:
     """One closed-loop client: the next image as soon as the previous answer arrives."""
     for i in itertools.count(first):
         if time.perf_counter() >= stop_s:
             return
         k = i % len(images)
         one = None if check is None else functools.partial(check, k)
-        answers.append(await post_detect(client, images[k], model, one))
+        answers.append(await post(client, images[k], model, one))
 
 
 async def batch_histogram(client: httpx.AsyncClient, metrics_url: str | None,
@@ -290,9 +300,12 @@ async def sleep_until(t_s: float) -> None:
 
 
 async def measure_level(spec: ServiceSpec, model: str, images: list[bytes], concurrency: int,
-                        warmup_s: float, duration_s: float, check: Check | None = None) -> Row:
+                        warmup_s: float, duration_s: float, check: Check | None = None, *,
+                        post: Post = post_detect,
+                        batch_counts: BatchCounts = batch_histogram) -> Row:
     """N closed-loop clients; what answered inside the window after the warm-up counts
-    (with `check`, an answer it rejects counts as an error, status WRONG_ANSWER)."""
+    (with `check`, an answer it rejects counts as an error, status WRONG_ANSWER). `post`
+    sends one request, `batch_counts` reads the server's batch counters."""
     limits = httpx.Limits(max_connections=concurrency + 1)
     async with httpx.AsyncClient(base_url=spec.url, timeout=REQUEST_TIMEOUT_S, limits=limits,
                                  trust_env=False) as client:
@@ -300,14 +313,14 @@ async def measure_level(spec: ServiceSpec, model: str, images: list[bytes], conc
         stop_s = start_s + duration_s
         answers: list[Answer] = []
         clients = [asyncio.create_task(client_loop(client, images, k, model, stop_s, answers,
-                                                   check))
+                                                   check, post))
                    for k in range(concurrency)]
         await sleep_until(start_s)
-        sum0, count0 = await batch_histogram(client, spec.metrics_url, model)
+        sum0, count0 = await batch_counts(client, spec.metrics_url, model)
         cpu0 = time.process_time()
         await sleep_until(stop_s)
         client_cpu = (time.process_time() - cpu0) / duration_s
-        sum1, count1 = await batch_histogram(client, spec.metrics_url, model)
+        sum1, count1 = await batch_counts(client, spec.metrics_url, model)
         await asyncio.gather(*clients)  # the answers in flight: the next level starts idle
     window = [a for a in answers if start_s <= a.done_s <= stop_s]
     row = service_row(f"c{concurrency}", window, duration_s,
