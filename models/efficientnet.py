@@ -16,7 +16,6 @@ checkpoint was not trained with: on ../shared/testdata it costs confidence (stre
 from __future__ import annotations
 
 import logging
-import shutil
 import tempfile
 from pathlib import Path
 
@@ -28,7 +27,7 @@ from torch import nn
 from cvserve.worker.preprocess import preprocess
 from cvserve.worker.repository import InputSpec
 
-from .export import ExportError, _quiet_exporters, write_model_toml
+from .export import ExportError, _quiet_exporters, move_into_place, write_model_toml
 from .synthetic import make_scene
 
 log = logging.getLogger("cvserve.export")
@@ -172,9 +171,4 @@ def export_efficientnet_lite0(repository: Path, fmt: str = "onnx",
             "inputs": ["images"], "outputs": ["logits", "features"],
         }, {"input": INPUT, "output": OUTPUT, "batching": BATCHING,
             "thresholds": {"score_threshold": 0.5, "max_detections": 100}})
-        repository.mkdir(parents=True, exist_ok=True)
-        target = repository / name
-        if target.exists():
-            shutil.rmtree(target)
-        shutil.move(str(out), str(target))
-    return target
+        return move_into_place(out, repository, name)

@@ -323,11 +323,17 @@ def export_detector(arch: str, repository: Path, *, weights: str = "default",
                            "max_detections": 100}})
         if check:
             log.info("checked %s against the eager model: %s", name, verify(model, out))
-        repository.mkdir(parents=True, exist_ok=True)
-        target = repository / name
-        if target.exists():
-            shutil.rmtree(target)
-        shutil.move(str(out), str(target))
+        return move_into_place(out, repository, name)
+
+
+def move_into_place(built: Path, repository: Path, name: str) -> Path:
+    """A model folder built (and checked) elsewhere becomes `repository/name`, replacing
+    any older one: a half-built model never appears there."""
+    repository.mkdir(parents=True, exist_ok=True)
+    target = repository / name
+    if target.exists():
+        shutil.rmtree(target)
+    shutil.move(str(built), str(target))
     return target
 
 
