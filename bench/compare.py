@@ -50,7 +50,6 @@ from detect_bench import (
     LOOPBACK,
     READY_TIMEOUT_S,
     REQUEST_TIMEOUT_S,
-    WRONG_ANSWER,
     Answer,
     BatchCounts,
     Check,
@@ -72,6 +71,7 @@ from detect_bench import (
     post_detect,
     service_spec,
     smoke_test,
+    timed_answer,
 )
 from prometheus_client.parser import text_string_to_metric_families
 from triton_server import HEADER_LENGTH, infer_answer, infer_request
@@ -254,22 +254,10 @@ async def post_triton(client: httpx.AsyncClient, data: bytes, model: str,
     """One image as a KServe v2 infer request (binary data: the raw image bytes follow the
     JSON header), as post_detect sends it to /detect; an answer that cannot be read counts
     as a wrong one."""
-    t0 = time.perf_counter()
     body, headers = infer_request(data)
-    try:
-        r = await client.post(f"/v2/models/{model}/infer", content=body, headers=headers)
-    except httpx.HTTPError:
-        t1 = time.perf_counter()
-        return Answer(t1, t1 - t0, 0, {})
-    t1 = time.perf_counter()
-    if r.status_code != 200:
-        return Answer(t1, t1 - t0, r.status_code, {})
-    try:
-        answer = infer_answer(r.content, r.headers.get(HEADER_LENGTH))
-    except ValueError:
-        return Answer(t1, t1 - t0, WRONG_ANSWER, {})
-    status = WRONG_ANSWER if check is not None and not check(answer) else 200
-    return Answer(t1, t1 - t0, status, {})
+    request = client.post(f"/v2/models/{model}/infer", content=body, headers=headers)
+    return await timed_answer(
+        request, lambda r: infer_answer(r.content, r.headers.get(HEADER_LENGTH)), check)
 
 
 async def triton_batch_counts(client: httpx.AsyncClient, metrics_url: str | None,

@@ -248,21 +248,33 @@ def delete_redis_keys(redis_url: str, prefix: str) -> None:
 
 
 # --- closed-loop clients -----------------------------------------------------------------
-async def post_detect(client: httpx.AsyncClient, data: bytes, model: str,
-                      check: Callable[[dict[str, Any]], bool] | None = None) -> Answer:
+async def timed_answer(request: Awaitable[httpx.Response],
+                       read: Callable[[httpx.Response], dict[str, Any]],
+                       check: Callable[[dict[str, Any]], bool] | None) -> Answer:
+    """Time one request; `read` turns a 200 into the answer (ValueError: unreadable), which
+    `check` judges. Status 0: no response; WRONG_ANSWER: unreadable or rejected."""
     t0 = time.perf_counter()
     try:
-        r = await client.post("/detect", content=data, params={"model": model},
-                              headers={"content-type": "image/jpeg"})
+        r = await request
     except httpx.HTTPError:
         t1 = time.perf_counter()
         return Answer(t1, t1 - t0, 0, {})
     t1 = time.perf_counter()
     if r.status_code != 200:
         return Answer(t1, t1 - t0, r.status_code, {})
-    body = r.json()
-    status = WRONG_ANSWER if check is not None and not check(body) else 200
-    return Answer(t1, t1 - t0, status, body.get("timing", {}))
+    try:
+        answer = read(r)
+    except ValueError:
+        return Answer(t1, t1 - t0, WRONG_ANSWER, {})
+    status = WRONG_ANSWER if check is not None and not check(answer) else 200
+    return Answer(t1, t1 - t0, status, answer.get("timing", {}))
+
+
+async def post_detect(client: httpx.AsyncClient, data: bytes, model: str,
+                      check: Callable[[dict[str, Any]], bool] | None = None) -> Answer:
+    request = client.post("/detect", content=data, params={"model": model},
+                          headers={"content-type": "image/jpeg"})
+    return await timed_answer(request, lambda r: r.json(), check)
 
 
 async def client_loop(client: httpx.AsyncClient, images: list[bytes], first: int, model: str,

@@ -58,6 +58,15 @@ def post(url: str, model: str, data: bytes) -> tuple[int, float]:
     return r.status_code, (time.perf_counter() - t0) * 1000
 
 
+def burst(url: str, model: str, images: list[bytes]) -> tuple[list[int], float, float]:
+    """All images at once: (statuses, model executions, executions of batch size 1)."""
+    before = batch_histogram(url, model)
+    with ThreadPoolExecutor(len(images)) as pool:
+        answers = list(pool.map(lambda d: post(url, model, d), images))
+    after = batch_histogram(url, model)
+    return [status for status, _ in answers], after[0] - before[0], after[1] - before[1]
+
+
 def policy(url: str, model: str) -> dict:
     return httpx.get(f"{url}/models/{model}").json()["batching_policy"]
 
@@ -67,12 +76,9 @@ def test_flat_model_is_served_without_queue_delay(costed: Service) -> None:
     assert p["source"] == "measured" and set(p["throughput"]) == {"1", "2", "4"}
     assert p["max_batch_size"] == 1 and p["max_queue_delay_ms"] == 0, p
     images = [make_scene(i, 320, 240).jpeg() for i in range(6)]
-    before = batch_histogram(costed.url, "per-image")
-    with ThreadPoolExecutor(6) as pool:
-        answers = list(pool.map(lambda d: post(costed.url, "per-image", d), images))
-    after = batch_histogram(costed.url, "per-image")
-    assert all(status == 200 for status, _ in answers)
-    assert after[0] - before[0] == after[1] - before[1] == 6, "six batches of one"
+    statuses, runs, runs_of_one = burst(costed.url, "per-image", images)
+    assert all(status == 200 for status in statuses)
+    assert runs == runs_of_one == 6, "six batches of one"
     status, ms = post(costed.url, "per-image", images[0])
     assert status == 200 and ms < DELAY_MS, f"a lone request took {ms:.0f} ms"
 
@@ -82,12 +88,8 @@ def test_model_that_gains_from_batching_gets_batches(costed: Service) -> None:
     assert p["max_batch_size"] >= 2 and p["max_queue_delay_ms"] == DELAY_MS, p
     assert p["throughput"]["4"] > 1.5 * p["throughput"]["1"]
     images = [make_scene(i, 320, 240).jpeg() for i in range(12)]
-    before = batch_histogram(costed.url, "per-call")
-    with ThreadPoolExecutor(12) as pool:
-        answers = list(pool.map(lambda d: post(costed.url, "per-call", d), images))
-    after = batch_histogram(costed.url, "per-call")
-    assert all(status == 200 for status, _ in answers)
-    runs, runs_of_one = after[0] - before[0], after[1] - before[1]
+    statuses, runs, runs_of_one = burst(costed.url, "per-call", images)
+    assert all(status == 200 for status in statuses)
     assert runs < 12 and runs_of_one < runs, (runs, runs_of_one)
 
 
