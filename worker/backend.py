@@ -36,6 +36,8 @@ class Backend(ABC):
         # The most images worth putting in one batch (a graph fixed at batch 1: 1).
         self.batch_limit: int | None = None
         self.batch_mode = "dynamic"
+        # Whether the warm-up may try several instances with their own thread counts.
+        self.parallel_instances = False
 
     def run(self, inputs: Arrays) -> Arrays:
         """Run a batch; pads up to an accepted batch size and slices the outputs back."""

@@ -39,6 +39,8 @@ class OnnxBackend(Backend):
     def __init__(self, cfg: ModelConfig, settings: Settings) -> None:
         super().__init__(cfg)
         self.spinning = settings.onnx_spinning
+        # Sessions carry their own thread counts and run concurrently (onnxruntime).
+        self.parallel_instances = True
         self.threads = settings.intra_op_threads or settings.cores
         opts = self._options(self.threads)
         want = settings.device if settings.device != "auto" else "auto"

@@ -114,7 +114,10 @@ def choose_instances(task: Task, one: list[Prepared]) -> tuple[int, dict[int, fl
     multi-threaded sessions too, for a batch that runs alone (low load keeps the latency
     of one run on every core). On a GPU: one instance or two, threads as they are."""
     cores = task.settings.cores
-    if cores < 2:
+    # TorchScript is left at one instance: its thread count is per process, and running
+    # a freshly loaded module from two threads while resizing torch's pool crashed a
+    # worker once here (heap corruption in the warm-up); `instances = N` still pins it.
+    if cores < 2 or not task.backend.parallel_instances:
         return 1, {}
     single = measure(task, {1: (one, 1)})[1]
     on_cpu = task.backend.device == "cpu"
