@@ -59,6 +59,7 @@ def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
 
 def cmd_export(args: argparse.Namespace, settings: Settings) -> int:
     from cvserve.models.export import ExportError, export_detector
+    from cvserve.models.segment_export import SEGMENTERS, export_segmenter
 
     sizes = tuple(int(b) for b in args.batch_sizes.split(","))
     try:
@@ -68,6 +69,10 @@ def cmd_export(args: argparse.Namespace, settings: Settings) -> int:
             path = export_efficientnet_lite0(
                 settings.model_repository, fmt=args.format,
                 name=args.as_name or "efficientnet-lite0", check=not args.no_check)
+        elif args.name in SEGMENTERS:
+            path = export_segmenter(args.name, settings.model_repository, weights=args.weights,
+                                    fmt=args.format, name=args.as_name,
+                                    check=not args.no_check)
         else:
             path = export_detector(args.name, settings.model_repository, weights=args.weights,
                                    fmt=args.format, name=args.as_name, batch_sizes=sizes,
@@ -139,16 +144,22 @@ def parser() -> argparse.ArgumentParser:
     models = sub.add_parser("models", help="the model repository").add_subparsers(
         dest="models_command", required=True)
     models.add_parser("list", help="models in the repository")
-    exp = models.add_parser("export", help="export a torchvision detector or "
-                                           "EfficientNet-Lite0 (ImageNet)")
-    exp.add_argument("name", help="architecture, e.g. fasterrcnn_mobilenet_v3_large_320_fpn "
+    exp = models.add_parser("export", help="export a torchvision detector (Mask and Keypoint "
+                                           "R-CNN included), a torchvision semantic "
+                                           "segmenter or EfficientNet-Lite0 (ImageNet)")
+    exp.add_argument("name", help="architecture: a detector (e.g. "
+                                  "fasterrcnn_mobilenet_v3_large_320_fpn, "
+                                  "maskrcnn_resnet50_fpn, keypointrcnn_resnet50_fpn), a "
+                                  "segmenter (fcn_resnet50, deeplabv3_resnet50, "
+                                  "deeplabv3_mobilenet_v3_large, lraspp_mobilenet_v3_large) "
                                   "or efficientnet_lite0")
     exp.add_argument("--weights", default="default",
                      help="default (pretrained, downloaded) | random | PATH to a checkpoint")
     exp.add_argument("--format", default="torchscript", choices=("onnx", "torchscript"))
     exp.add_argument("--as", dest="as_name", default=None, help="model name (default: NAME)")
-    exp.add_argument("--batch-sizes", default="1,2,4", help="ONNX: one graph per batch size")
-    exp.add_argument("--num-classes", type=int, default=None)
+    exp.add_argument("--batch-sizes", default="1,2,4",
+                     help="detectors, ONNX: one graph per batch size")
+    exp.add_argument("--num-classes", type=int, default=None, help="detectors only")
     exp.add_argument("--no-check", action="store_true",
                      help="skip the comparison against the eager model")
     pull = models.add_parser(

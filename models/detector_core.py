@@ -4,6 +4,10 @@ Input:  images      [B, 3, H, W] float, normalized, resized and padded (worker/d
         image_sizes [B, 2] int64, each image's (h, w) inside the padding
 Output: boxes  [B, K, 4] xyxy in resized-image pixels   scores [B, K] (padding: -1)
         labels [B, K] int64                             counts [B] int64 (valid rows)
+  Mask R-CNN, then:     masks [B, K, M, M] float, each detection's mask probabilities
+                        over its box, before pasting into the image (M = 28; padding: 0)
+  Keypoint R-CNN, then: keypoints [B, K, P, 3] (x, y, visibility) in resized-image
+                        pixels, keypoint_scores [B, K, P] (P keypoints; padding: 0)
 
 K is the model's detections_per_img. Keeping resize outside the graph is what lets images
 of different sizes share a batch; padded outputs give every backend one output shape.
@@ -15,13 +19,15 @@ from collections import OrderedDict
 
 import torch
 from torch import Tensor, nn
-from torchvision.models.detection import FCOS, FasterRCNN, RetinaNet
+from torchvision.models.detection import FCOS, FasterRCNN, KeypointRCNN, MaskRCNN, RetinaNet
 from torchvision.models.detection.image_list import ImageList
 from torchvision.models.detection.ssd import SSD
 
 
 class DetectorCore(nn.Module):
     """Shared by the three families: image sizes in, padded outputs out."""
+
+    OUTPUTS: tuple[str, ...] = ("boxes", "scores", "labels", "counts")  # forward's, in order
 
     def __init__(self, model: nn.Module, k: int) -> None:
         super().__init__()
@@ -36,24 +42,29 @@ class DetectorCore(nn.Module):
 
     def forward(self, images: Tensor, image_sizes: Tensor
                 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        return self.pad(images, self.detect(images, self.sizes(image_sizes)))
+        return self.pad(self.detect(images, self.sizes(image_sizes)))
 
     def detect(self, images: Tensor, sizes: list[tuple[int, int]]) -> list[dict[str, Tensor]]:
         raise NotImplementedError
 
-    def pad(self, images: Tensor, detections: list[dict[str, Tensor]]
-            ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        # Concatenating padding (rather than writing into a preallocated slice) keeps the
-        # traced ONNX graph valid when an image has no detections at all.
-        boxes, scores, labels = [], [], []
-        for det in detections:
-            fill = self.k - det["boxes"].shape[0]
-            boxes.append(torch.cat([det["boxes"], images.new_zeros((fill, 4))]))
-            scores.append(torch.cat([det["scores"], images.new_full((fill,), -1.0)]))
-            labels.append(torch.cat([det["labels"], det["labels"].new_zeros((fill,))]))
-        padded_scores = torch.stack(scores)
+    def pad(self, detections: list[dict[str, Tensor]]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        padded_scores = self.stack(detections, "scores", -1.0)
         counts = (padded_scores >= 0).sum(dim=1)  # real scores are probabilities
-        return torch.stack(boxes), padded_scores, torch.stack(labels), counts
+        return (self.stack(detections, "boxes", 0.0), padded_scores,
+                self.stack(detections, "labels", 0.0), counts)
+
+    def stack(self, detections: list[dict[str, Tensor]], key: str, fill: float) -> Tensor:
+        """# per image [N, ...] -> [B, K, ...], rows N..K filled with `fill`.
+        Concatenating padding (rather than writing into a preallocated slice) keeps the
+        traced ONNX graph valid when an image has no detections at all."""
+        rows = []
+        for det in detections:
+            x = det[key]
+            shape = [self.k - x.shape[0]]
+            for d in range(1, x.dim()):
+                shape.append(x.shape[d])
+            rows.append(torch.cat([x, x.new_full(shape, fill)]))
+        return torch.stack(rows)
 
 
 class RCNNCore(DetectorCore):
@@ -66,6 +77,33 @@ class RCNNCore(DetectorCore):
         proposals, _ = self.model.rpn(ImageList(images, sizes), features)
         detections, _ = self.model.roi_heads(features, proposals, sizes)
         return detections
+
+
+class MaskRCNNCore(RCNNCore):
+    """Mask R-CNN: Faster R-CNN plus each detection's mask probabilities, unpasted."""
+
+    OUTPUTS = (*DetectorCore.OUTPUTS, "masks")
+
+    def forward(self, images: Tensor, image_sizes: Tensor
+                ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        detections = self.detect(images, self.sizes(image_sizes))
+        for det in detections:
+            det["masks"] = det["masks"][:, 0]  # [N, 1, M, M]: the predicted class's mask
+        boxes, scores, labels, counts = self.pad(detections)
+        return boxes, scores, labels, counts, self.stack(detections, "masks", 0.0)
+
+
+class KeypointRCNNCore(RCNNCore):
+    """Keypoint R-CNN: Faster R-CNN plus P keypoints per detection."""
+
+    OUTPUTS = (*DetectorCore.OUTPUTS, "keypoints", "keypoint_scores")
+
+    def forward(self, images: Tensor, image_sizes: Tensor
+                ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+        detections = self.detect(images, self.sizes(image_sizes))
+        boxes, scores, labels, counts = self.pad(detections)
+        return (boxes, scores, labels, counts, self.stack(detections, "keypoints", 0.0),
+                self.stack(detections, "keypoints_scores", 0.0))
 
 
 class SSDCore(DetectorCore):
@@ -103,8 +141,12 @@ def _tensor_sizes(self: DetectorCore, image_sizes: Tensor) -> list:
 
 def detector_core(model: nn.Module, traced: bool = False) -> DetectorCore:
     """The core for a torchvision detector; `traced=True` for ONNX export by tracing."""
-    if isinstance(model, FasterRCNN):
-        core: DetectorCore = RCNNCore(model, model.roi_heads.detections_per_img)
+    if isinstance(model, MaskRCNN):
+        core: DetectorCore = MaskRCNNCore(model, model.roi_heads.detections_per_img)
+    elif isinstance(model, KeypointRCNN):
+        core = KeypointRCNNCore(model, model.roi_heads.detections_per_img)
+    elif isinstance(model, FasterRCNN):
+        core = RCNNCore(model, model.roi_heads.detections_per_img)
     elif isinstance(model, SSD):
         core = SSDCore(model, model.detections_per_img)
     elif isinstance(model, RetinaNet):
@@ -114,7 +156,7 @@ def detector_core(model: nn.Module, traced: bool = False) -> DetectorCore:
         core = DenseCore(model, model.detections_per_img, 1)
     else:
         raise TypeError(f"no detector core for {type(model).__name__}; expected a "
-                        "torchvision FasterRCNN, RetinaNet, FCOS or SSD")
+                        "torchvision FasterRCNN (MaskRCNN, KeypointRCNN), RetinaNet, FCOS or SSD")
     if traced:
         core.sizes = _tensor_sizes.__get__(core)  # type: ignore[method-assign]
     return core.eval()

@@ -1,5 +1,9 @@
 """`cvserve models export`: torchvision detector -> checked artifact + model.toml.
 
+Detectors include Mask R-CNN (task instance-segmentation: the core adds unpasted masks)
+and Keypoint R-CNN (task detection: the core adds keypoints); models/detector_core.py
+lists each core's outputs. Semantic segmenters: models/segment_export.py.
+
 Weights: `default` (torchvision's pretrained, downloaded), `random` (offline tests), or a
 local checkpoint PATH. Formats (docs/design.md §4):
 
@@ -28,7 +32,7 @@ import torchvision
 from torch import nn
 from torchvision.ops import box_iou
 
-from .detector_core import detector_core
+from .detector_core import KeypointRCNNCore, MaskRCNNCore, detector_core
 from .synthetic import make_scene
 from .tiny import tiny_fasterrcnn
 
@@ -44,6 +48,9 @@ DETECTORS = (
     "ssdlite320_mobilenet_v3_large",
     "ssd300_vgg16",
     "fcos_resnet50_fpn",
+    "maskrcnn_resnet50_fpn",
+    "maskrcnn_resnet50_fpn_v2",
+    "keypointrcnn_resnet50_fpn",
 )
 DEFAULT_DETECTOR = "fasterrcnn_mobilenet_v3_large_320_fpn"
 DEMO_WEIGHTS = Path(__file__).resolve().parent / "demo" / "detector.pt"
@@ -56,6 +63,9 @@ FP16_SAFE = ("tiny_fasterrcnn",)
 # Measured (../shared/PERF.md): the R-CNN family runs ~2x faster per image in batches of
 # 2-4 on 2 CPU cores, so these wait a little for a batch to fill.
 BATCHING = {"max_batch_size": 4, "max_queue_delay_ms": 5.0}
+# Keypoint R-CNN's classes: COCO persons only. Its weights' meta names class 0 "no person";
+# the other label files call it "__background__".
+PERSON_LABELS = ["__background__", "person"]
 
 
 class ExportError(Exception):
@@ -66,38 +76,79 @@ def _builder(arch: str) -> Callable[..., nn.Module]:
     if arch == "tiny_fasterrcnn":
         return tiny_fasterrcnn
     if arch not in DETECTORS:
-        raise ExportError(f"unknown architecture '{arch}'; known: "
-                          f"{', '.join((*DETECTORS, 'tiny_fasterrcnn'))}")
+        from .segment_export import SEGMENTERS  # imports this module: imported when needed
+
+        raise ExportError(f"unknown architecture '{arch}'; known detectors: "
+                          f"{', '.join((*DETECTORS, 'tiny_fasterrcnn'))}; semantic "
+                          f"segmenters (export_segmenter): {', '.join(SEGMENTERS)}")
     return getattr(torchvision.models.detection, arch)
 
 
 def _score_kwargs(arch: str, floor: float) -> dict[str, float]:
-    return {"box_score_thresh": floor} if arch.startswith("fasterrcnn") else {
-        "score_thresh": floor}
+    two_stage = arch.startswith(("fasterrcnn", "maskrcnn", "keypointrcnn"))
+    return {"box_score_thresh": floor} if two_stage else {"score_thresh": floor}
+
+
+def _size_kwargs(arch: str, min_size: int | None, max_size: int | None) -> dict[str, int]:
+    """GeneralizedRCNNTransform's resize limits; max_size defaults to torchvision's
+    1333/800 of min_size."""
+    if min_size is None and max_size is None:
+        return {}
+    if arch.startswith("ssd"):
+        raise ExportError(f"{arch} takes a fixed input size; min_size/max_size apply to the "
+                          "R-CNN family, RetinaNet and FCOS only")
+    min_size = min_size or 800
+    return {"min_size": min_size, "max_size": max_size or round(min_size * 1333 / 800)}
+
+
+def scene_batch(seed: int, n: int = 8, size: int = 320) -> torch.Tensor:
+    """Generated scenes as a batch. # [n, 3, size, size] float in [0, 1]"""
+    scenes = [make_scene(seed + i, size, size) for i in range(n)]
+    return torch.stack([torch.from_numpy(np.array(s.image)).permute(2, 0, 1)
+                        for s in scenes]).float() / 255
+
+
+def calibrate_batchnorm(module: nn.Module, images: torch.Tensor) -> None:
+    """Random weights leave BatchNorm's running statistics at mean 0 / var 1, and the
+    features vanish layer by layer (std ~1e-8 at a ResNet-50's FPN). One forward pass
+    over generated images with only the BatchNorm layers in train mode sets each layer's
+    statistics to those of its real input (a cumulative average: momentum None), so
+    outputs are not degenerate. Other layers stay in eval mode (dropout off)."""
+    norms = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    momenta = [bn.momentum for bn in norms]
+    module.eval()
+    for bn in norms:
+        bn.reset_running_stats()
+        bn.momentum = None
+        bn.train()
+    with torch.no_grad():
+        module(images)
+    for bn, momentum in zip(norms, momenta, strict=True):
+        bn.momentum = momentum
+    module.eval()
 
 
 def _calibrate_batchnorm(model: nn.Module, seed: int) -> None:
-    """Random weights leave BatchNorm's running statistics at mean 0 / var 1, and the
-    features vanish layer by layer (std ~1e-8 at the FPN). A few forward passes over
-    generated images in train mode set real statistics, so outputs are not degenerate."""
-    model.train()
-    scenes = [make_scene(seed + i, 320, 320) for i in range(8)]
-    batch = torch.stack([torch.from_numpy(np.array(s.image)).permute(2, 0, 1)
-                         for s in scenes]).float() / 255
+    """calibrate_batchnorm for a detector: its backbone, on generated scenes resized and
+    normalized as the detector's transform does."""
     with torch.no_grad():
-        images, _ = model.transform(list(batch))
-        for _ in range(3):
-            model.backbone(images.tensors)
-    model.eval()
+        images, _ = model.eval().transform(list(scene_batch(seed)))
+    calibrate_batchnorm(model.backbone, images.tensors)
 
 
 def build_eager(arch: str, weights: str, num_classes: int | None = None,
-                score_floor: float | None = None, seed: int = 0) -> tuple[nn.Module, list[str]]:
+                score_floor: float | None = None, seed: int = 0, min_size: int | None = None,
+                max_size: int | None = None, detections_per_img: int | None = None
+                ) -> tuple[nn.Module, list[str]]:
     """The eager torchvision model and its label names (index = class id)."""
     build = _builder(arch)
-    kwargs: dict = {}
+    kwargs: dict = _size_kwargs(arch, min_size, max_size)
     if score_floor is not None:
         kwargs.update(_score_kwargs(arch, score_floor))
+    if detections_per_img is not None:  # K, the most detections the core returns
+        two_stage = arch.startswith(("fasterrcnn", "maskrcnn", "keypointrcnn"))
+        kwargs["box_detections_per_img" if two_stage else "detections_per_img"] = \
+            detections_per_img
     if weights == "default":
         try:
             model = build(weights="DEFAULT", **kwargs)
@@ -107,13 +158,14 @@ def build_eager(arch: str, weights: str, num_classes: int | None = None,
                 "use `--weights random` (for tests) or `--weights PATH` (a local "
                 "checkpoint)") from exc
         labels = list(torchvision.models.get_model_weights(arch).DEFAULT.meta["categories"])
-        return model.eval(), labels
+        return model.eval(), PERSON_LABELS if _is_keypoint(arch) else labels
+    default_classes = len(PERSON_LABELS) if _is_keypoint(arch) else 91
     if weights == "random":
         torch.manual_seed(seed)
-        model = build(weights=None, weights_backbone=None, num_classes=num_classes or 91,
-                      **kwargs)
+        num_classes = num_classes or default_classes
+        model = build(weights=None, weights_backbone=None, num_classes=num_classes, **kwargs)
         _calibrate_batchnorm(model, seed)
-        return model.eval(), _coco_labels(num_classes)
+        return model.eval(), _default_labels(arch, num_classes)
     path = Path(weights)
     if not path.is_file():
         raise ExportError(f"--weights must be default, random or a checkpoint file; "
@@ -122,21 +174,34 @@ def build_eager(arch: str, weights: str, num_classes: int | None = None,
     state = state.get("model", state)
     labels = state.pop("_labels", None) if isinstance(state, dict) else None
     if num_classes is None:
-        num_classes = len(labels) if labels else 91
+        num_classes = len(labels) if labels else default_classes
     model = build(weights=None, weights_backbone=None, num_classes=num_classes, **kwargs)
     try:
         model.load_state_dict(state)
     except RuntimeError as exc:
         raise ExportError(f"{path} does not fit {arch} with {num_classes} classes: {exc}") from exc
-    return model.eval(), list(labels) if labels else _coco_labels(num_classes)
+    return model.eval(), list(labels) if labels else _default_labels(arch, num_classes)
 
 
-def _coco_labels(num_classes: int | None) -> list[str]:
+def _is_keypoint(arch: str) -> bool:
+    return arch.startswith("keypointrcnn")
+
+
+def _default_labels(arch: str, num_classes: int) -> list[str]:
+    """Label names for weights that carry none: COCO's, or Keypoint R-CNN's persons."""
+    if _is_keypoint(arch) and num_classes == len(PERSON_LABELS):
+        return PERSON_LABELS
     coco = list(torchvision.models.detection.FasterRCNN_ResNet50_FPN_Weights.DEFAULT
                 .meta["categories"])
-    if num_classes in (None, len(coco)):
+    if num_classes == len(coco):
         return coco
     return ["__background__", *(f"class_{i}" for i in range(1, num_classes))]
+
+
+def keypoint_names() -> list[str]:
+    """COCO's 17 person keypoints, in Keypoint R-CNN's output order (offline: weights meta)."""
+    weights = torchvision.models.detection.KeypointRCNN_ResNet50_FPN_Weights.DEFAULT
+    return list(weights.meta["keypoint_names"])
 
 
 def _input_spec(model: nn.Module) -> dict:
@@ -222,10 +287,14 @@ def _serve(model_dir: Path, images: list[bytes], batched: bool) -> list[dict[str
     """Run images through the worker's serving pipeline (decode ... postprocess)."""
     from cvserve.app.queue import Job
     from cvserve.app.settings import Settings
+    from cvserve.worker.backend import load_backend
+    from cvserve.worker.detection import DetectionTask
     from cvserve.worker.repository import load_config
-    from cvserve.worker.server import build_task
 
-    task = build_task(load_config(model_dir), Settings(device="cpu"))
+    # The detection stages for every torchvision core, Mask and Keypoint R-CNN included:
+    # they read the boxes, scores, labels and counts outputs and leave any others alone.
+    cfg, settings = load_config(model_dir), Settings(device="cpu")
+    task = DetectionTask(cfg, load_backend(cfg, settings), settings)
     items = [task.prepare(Job(model="check", task="detection", payload=data, deadline_ms=0,
                               params={"score_threshold": 0.0, "max_detections": 1000}))
              for data in images]
@@ -283,13 +352,19 @@ def export_detector(arch: str, repository: Path, *, weights: str = "default",
                     fmt: str = "torchscript", name: str | None = None,
                     batch_sizes: tuple[int, ...] = (1, 2, 4), num_classes: int | None = None,
                     score_floor: float | None = None, seed: int = 0,
-                    check: bool = True) -> Path:
-    """Build, check and write `repository/name/` (model.toml, labels.txt, artifact)."""
+                    min_size: int | None = None, max_size: int | None = None,
+                    detections_per_img: int | None = None, check: bool = True) -> Path:
+    """Build, check and write `repository/name/` (model.toml, labels.txt, artifact).
+    min_size/max_size override the detector's resize limits (smaller: faster);
+    detections_per_img the most detections per image (Mask R-CNN's mask head and Keypoint
+    R-CNN's keypoint head run once per detection)."""
     if fmt not in ("onnx", "torchscript"):
         raise ExportError(f"--format must be onnx or torchscript, got '{fmt}'")
     if score_floor is None and weights == "random":
         score_floor = 0.0  # untrained scores sit near 1/num_classes, under torchvision's 0.05
-    model, labels = build_eager(arch, weights, num_classes, score_floor, seed)
+    model, labels = build_eager(arch, weights, num_classes, score_floor, seed, min_size,
+                                max_size, detections_per_img)
+    core = detector_core(model)
     name = name or arch
     max_batch = min(BATCHING["max_batch_size"], max(batch_sizes))
     with tempfile.TemporaryDirectory(dir=repository.parent if repository.exists() else None
@@ -297,26 +372,30 @@ def export_detector(arch: str, repository: Path, *, weights: str = "default",
         out = Path(tmp) / name
         out.mkdir()
         if fmt == "torchscript":
-            with _quiet_exporters():
-                scripted = torch.jit.script(detector_core(model))
-            scripted.save(str(out / "model.pt"))
+            script_core(model).save(str(out / "model.pt"))
             file, sizes = "model.pt", None
         else:
-            _export_onnx(model, out, batch_sizes)
+            export_onnx(model, out, batch_sizes)
             file, sizes = "model.b{batch}.onnx", list(batch_sizes)
         (out / "labels.txt").write_text("\n".join(labels) + "\n")
+        extra: dict = {}
+        if isinstance(core, KeypointRCNNCore):
+            (out / "keypoints.txt").write_text("\n".join(keypoint_names()) + "\n")
+            extra["keypoints"] = "keypoints.txt"
         provenance = {"default": "pretrained (torchvision DEFAULT)",
                       "random": f"random (seed {seed}; detects nothing meaningful)"}
         batching = {"max_batch_size": max_batch,
                     "max_queue_delay_ms": BATCHING["max_queue_delay_ms"]}
         if sizes:
             batching["batch_sizes"] = sizes
+        task = "instance-segmentation" if isinstance(core, MaskRCNNCore) else "detection"
         write_model_toml(out / "model.toml", {
-            "task": "detection", "backend": fmt, "file": file,
+            "task": task, "backend": fmt, "file": file,
             "architecture": arch,
             "weights": provenance.get(weights, f"checkpoint {Path(weights).name}"),
             "weights_kind": weights_kind(weights),
-            "labels": "labels.txt",
+            "labels": "labels.txt", **extra,
+            "outputs": list(core.OUTPUTS),
             "allow_fp16": arch in FP16_SAFE,
         }, {"input": _input_spec(model), "batching": batching,
             "thresholds": {"score_threshold": 0.5,
@@ -351,18 +430,30 @@ def _quiet_exporters() -> Iterator[None]:
         yield
 
 
-def _export_onnx(model: nn.Module, out: Path, batch_sizes: tuple[int, ...]) -> None:
-    core = detector_core(model, traced=True)
+def script_core(model: nn.Module) -> torch.jit.ScriptModule:
+    """The model's core (models/detector_core.py), scripted: any batch size."""
+    with _quiet_exporters():
+        return torch.jit.script(detector_core(model))
+
+
+def trace_inputs(model: nn.Module, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The example an ONNX graph is traced on: `batch` noise images at the model's input
+    size, seeded so that an export (and a test of it) is repeatable.
+    -> images [B, 3, H, W], image_sizes [B, 2]"""
     spec = _input_spec(model)
     h, w = spec.get("fixed_size", [spec["min_size"], spec["min_size"]])
+    images = torch.rand(batch, 3, h, w, generator=torch.Generator().manual_seed(batch))
+    return images, torch.tensor([[h, w]] * batch, dtype=torch.int64)
+
+
+def export_onnx(model: nn.Module, out: Path, batch_sizes: tuple[int, ...]) -> None:
+    """Trace the model's core into `out/model.b{batch}.onnx`, one graph per batch size."""
+    core = detector_core(model, traced=True)
     for b in batch_sizes:
-        images = torch.rand(b, 3, h, w)
-        sizes = torch.tensor([[h, w]] * b, dtype=torch.int64)
         with torch.no_grad(), _quiet_exporters():
             torch.onnx.export(
-                core, (images, sizes), str(out / f"model.b{b}.onnx"), dynamo=False,
+                core, trace_inputs(model, b), str(out / f"model.b{b}.onnx"), dynamo=False,
                 opset_version=17, input_names=["images", "image_sizes"],
-                output_names=["boxes", "scores", "labels", "counts"],
+                output_names=list(core.OUTPUTS),
                 dynamic_axes={"images": {2: "height", 3: "width"}},
             )
-
