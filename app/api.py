@@ -23,7 +23,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from .errors import CvserveError, DeadlineExceeded, InputError, ModelNotFound, Overloaded, from_code
 from .media import probe_image
 from .queue import Job, JobQueue, WorkerInfo, now_ms
-from .schemas import DetectResponse, ErrorResponse, ModelInfo, ModelList
+from .schemas import DetectResponse, ErrorResponse, ModelInfo, ModelList, SegmentResponse
 from .settings import Settings
 from .uploads import read_upload
 
@@ -78,25 +78,28 @@ class ModelDirectory:
                 out[name].workers.append(info.worker_id)
         return dict(sorted(out.items()))
 
-    async def resolve(self, name: str | None, task: str, default: str | None) -> str:
-        """The model to run: the one asked for (of the right task) or the task's default."""
+    async def resolve(self, name: str | None, tasks: tuple[str, ...],
+                      default: str | None) -> ModelInfo:
+        """The model to run: the one asked for (of one of the endpoint's tasks) or the
+        endpoint's default (its first task's models before the others)."""
         models = await self.models()
         if name is None:
             name = default
         if name is None:
-            candidates = [m for m in models.values() if m.task == task]
+            candidates = [m for m in models.values() if m.task in tasks]
             if not candidates:
-                raise Overloaded(f"no live worker serves a {task} model; start a worker "
-                                 "(`cvserve worker`) or check its log", retry_after_s=5)
-            return min(candidates, key=lambda m: (WEIGHTS_RANK.get(m.weights_kind, 0),
-                                                  m.name)).name
+                raise Overloaded(f"no live worker serves a {' or '.join(tasks)} model; start "
+                                 "a worker (`cvserve worker`) or check its log",
+                                 retry_after_s=5)
+            return min(candidates, key=lambda m: (tasks.index(m.task),
+                                                  WEIGHTS_RANK.get(m.weights_kind, 0), m.name))
         if name not in models:
             raise ModelNotFound(f"model '{name}' is not served by any live worker (served: "
                                 f"{', '.join(models) or 'none'}); GET /models lists them")
-        if models[name].task != task:
+        if models[name].task not in tasks:
             raise InputError(f"model '{name}' is a {models[name].task} model; this endpoint "
-                             f"needs a {task} model")
-        return name
+                             f"needs a {' or '.join(tasks)} model")
+        return models[name]
 
 
 class ObserveMiddleware:
@@ -164,7 +167,8 @@ def create_app(settings: Settings, queue: JobQueue,
             await queue.close()
 
     app = FastAPI(title="cvserve", version="0.1.0", lifespan=lifespan,
-                  description="Computer-vision inference: POST an image, get detections.")
+                  description="Computer-vision inference: POST an image, get detections "
+                              "or segmentation masks.")
     app.state.settings = settings
     app.state.queue = queue
 
@@ -199,9 +203,9 @@ def create_app(settings: Settings, queue: JobQueue,
     app.add_middleware(ObserveMiddleware)
 
     # --- task endpoints ----------------------------------------------------------------
-    async def run_job(request: Request, task: str, model: str | None, params: dict[str, Any],
-                      data: bytes, timeout_s: float | None) -> tuple[str, dict, bytes | None]:
-        name = await directory.resolve(model, task, settings.default_detection_model)
+    async def run_job(request: Request, info: ModelInfo, params: dict[str, Any],
+                      data: bytes, timeout_s: float | None) -> tuple[dict, bytes | None]:
+        name, task = info.name, info.task
         timeout = timeout_s if timeout_s is not None else settings.request_timeout_s
         if not 0 < timeout <= settings.max_request_timeout_s:
             raise InputError(f"timeout_s must be in (0, {settings.max_request_timeout_s}] "
@@ -232,7 +236,7 @@ def create_app(settings: Settings, queue: JobQueue,
             raise from_code(reply.error_code or "internal", reply.error_message or "")
         result = dict(reply.result or {})
         result.setdefault("timing", {})["total"] = round((time.perf_counter() - t0) * 1000, 2)
-        return name, result, reply.body
+        return result, reply.body
 
     def wants_png(request: Request, fmt: str | None) -> bool:
         if fmt is not None:
@@ -245,27 +249,71 @@ def create_app(settings: Settings, queue: JobQueue,
               responses={**ERRORS, 200: {"content": {"image/png": {}}}})
     async def detect(
         request: Request,
-        model: str | None = Query(None, description="A detection model; default per task"),
+        model: str | None = Query(None, description="A detection or instance-segmentation "
+                                                    "model; default per task"),
+        score_threshold: float | None = Query(None, ge=0, le=1),
+        max_detections: int | None = Query(None, ge=1, le=1000),
+        mask_format: str | None = Query(None, description="instance models: rle (default, "
+                                                          "COCO RLE) or polygon"),
+        format: str | None = Query(None, description="json (default) or png"),
+        timeout_s: float | None = Query(None, gt=0),
+    ) -> Response:
+        data, fields = await read_upload(request, settings.upload_bytes)
+        args = _merge_form({"model": model, "score_threshold": score_threshold,
+                            "max_detections": max_detections, "mask_format": mask_format,
+                            "format": format, "timeout_s": timeout_s}, fields)
+        probe_image(data, settings.image_pixels)  # 413 / 415 before anything is queued
+        png = wants_png(request, args["format"])
+        info = await directory.resolve(args["model"], ("detection", "instance-segmentation"),
+                                       settings.default_detection_model)
+        params = _instance_params(args)
+        if png:
+            params["render"] = "png"
+        result, body = await run_job(request, info, params, data, args["timeout_s"])
+        if png:
+            return Response(body, media_type="image/png")
+        return JSONResponse({"model": info.name, **result})
+
+    @app.post("/segment", response_model=SegmentResponse, openapi_extra=IMAGE_BODY,
+              responses={**ERRORS, 200: {"content": {"image/png": {}}}})
+    async def segment(
+        request: Request,
+        model: str | None = Query(None, description="A semantic or instance segmentation "
+                                                    "model; default: a semantic one"),
+        mask_format: str | None = Query(
+            None, description="semantic: png (default: the label map as a palette PNG, "
+                              "base64) or rle (COCO RLE per class); instance: rle (default) "
+                              "or polygon"),
+        render: str | None = Query(None, description="with Accept: image/png / format=png: "
+                                                     "overlay (default) or labels (the raw "
+                                                     "label map, semantic models)"),
         score_threshold: float | None = Query(None, ge=0, le=1),
         max_detections: int | None = Query(None, ge=1, le=1000),
         format: str | None = Query(None, description="json (default) or png"),
         timeout_s: float | None = Query(None, gt=0),
     ) -> Response:
         data, fields = await read_upload(request, settings.upload_bytes)
-        query = {"model": model, "score_threshold": score_threshold,
-                 "max_detections": max_detections, "format": format, "timeout_s": timeout_s}
-        args = _merge_form(query, fields)
-        probe_image(data, settings.image_pixels)  # 413 / 415 before anything is queued
+        args = _merge_form({"model": model, "mask_format": mask_format, "render": render,
+                            "score_threshold": score_threshold,
+                            "max_detections": max_detections, "format": format,
+                            "timeout_s": timeout_s}, fields)
+        probe_image(data, settings.image_pixels)
         png = wants_png(request, args["format"])
-        params = {k: args[k] for k in ("score_threshold", "max_detections")
-                  if args[k] is not None}
-        if png:
-            params["render"] = "png"
-        name, result, body = await run_job(request, "detection", args["model"], params, data,
-                                           args["timeout_s"])
+        info = await directory.resolve(args["model"],
+                                       ("semantic-segmentation", "instance-segmentation"),
+                                       settings.default_segmentation_model)
+        if info.task == "semantic-segmentation":
+            params = _semantic_params(args, png)
+        else:
+            params = _instance_params(args)
+            if png:
+                if args["render"] not in (None, "overlay"):
+                    raise InputError("render=labels needs a semantic segmentation model")
+                params["render"] = "png"
+        result, body = await run_job(request, info, params, data, args["timeout_s"])
         if png:
             return Response(body, media_type="image/png")
-        return JSONResponse({"model": name, **result})
+        return JSONResponse({"model": info.name, **result})
 
     # --- models and health -------------------------------------------------------------
     @app.get("/models", response_model=ModelList)
@@ -289,8 +337,8 @@ def create_app(settings: Settings, queue: JobQueue,
         if not await queue.ping():
             raise Overloaded("the queue (Redis) is unreachable", retry_after_s=1)
         models = await directory.models()
-        if not any(m.task == "detection" for m in models.values()):
-            raise Overloaded("no live worker serves a detection model yet", retry_after_s=1)
+        if not models:
+            raise Overloaded("no live worker serves a model yet", retry_after_s=1)
         return JSONResponse({"status": "ready", "models": list(models)})
 
     @app.get("/metrics", include_in_schema=False)
@@ -298,6 +346,30 @@ def create_app(settings: Settings, queue: JobQueue,
         return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
     return app
+
+
+def _instance_params(args: dict[str, Any]) -> dict[str, Any]:
+    params = {k: args[k] for k in ("score_threshold", "max_detections") if args[k] is not None}
+    mask_format = args.get("mask_format")
+    if mask_format not in (None, "rle", "polygon"):
+        raise InputError(f"mask_format must be rle or polygon for detection and instance "
+                         f"models, got '{mask_format}'")
+    if mask_format:
+        params["mask_format"] = mask_format
+    return params
+
+
+def _semantic_params(args: dict[str, Any], png: bool) -> dict[str, Any]:
+    mask_format, render = args["mask_format"], args["render"]
+    if mask_format not in (None, "png", "rle"):
+        raise InputError(f"mask_format must be png or rle for semantic segmentation, got "
+                         f"'{mask_format}'")
+    if render not in (None, "overlay", "labels"):
+        raise InputError(f"render must be overlay or labels, got '{render}'")
+    params: dict[str, Any] = {"mask_format": mask_format or "png"}
+    if png:
+        params["render"] = "labels" if render == "labels" else "png"
+    return params
 
 
 _FIELD_TYPES: dict[str, Callable[[str], Any]] = {

@@ -16,11 +16,30 @@ class Box(BaseModel):
     y2: float
 
 
+class RLE(BaseModel):
+    """COCO compressed RLE: `pycocotools.mask.decode({"size": size, "counts":
+    counts.encode()})` gives the [height, width] mask back."""
+
+    size: list[int] = Field(description="[height, width]")
+    counts: str
+
+
+class Keypoint(BaseModel):
+    name: str
+    x: float
+    y: float
+    score: float = Field(description="The keypoint head's logit (higher: more certain)")
+
+
 class Detection(BaseModel):
     label: str
     class_id: int
     score: float
     box: Box
+    mask: RLE | list[list[float]] | None = Field(
+        None, description="Instance models: the mask in original pixels, COCO RLE or "
+                          "(mask_format=polygon) COCO polygons [[x1, y1, x2, y2, ...], ...]")
+    keypoints: list[Keypoint] | None = Field(None, description="Keypoint models")
 
 
 class ImageSize(BaseModel):
@@ -42,6 +61,33 @@ class DetectResponse(BaseModel):
     model: str
     image: ImageSize
     detections: list[Detection]
+    timing: Timing
+
+
+class SegmentClass(BaseModel):
+    label: str
+    class_id: int
+    fraction: float = Field(description="Share of the image's pixels")
+    mask: RLE | None = Field(None, description="With mask_format=rle")
+
+
+class LabelMap(BaseModel):
+    """The class index of every pixel at the original size, as a palette PNG (8-bit; 16-bit
+    grayscale beyond 256 classes): `numpy.array(PIL.Image.open(...))` gives the indices."""
+
+    format: str = "png"
+    encoding: str = "base64"
+    data: str
+
+
+class SegmentResponse(BaseModel):
+    """Semantic models: `classes` (+ `label_map`); instance models: `detections`."""
+
+    model: str
+    image: ImageSize
+    classes: list[SegmentClass] | None = None
+    label_map: LabelMap | None = None
+    detections: list[Detection] | None = None
     timing: Timing
 
 

@@ -43,9 +43,10 @@ class Settings(BaseSettings):
         description="A folder holding the catalog's real models (`cvserve models pull`) so "
                     "they install offline; checked by sha256 like a download")
     default_detection_model: str | None = None
+    default_segmentation_model: str | None = None
     auto_build_default: bool = Field(
-        default=True, description="Build a random-weight detector when no detector exists"
-    )
+        default=True, description="Build a detector when none exists (and a segmenter on a "
+                                  "first start); pretrained when online, else random")
     device: str = Field(default="auto", description="auto | cpu | cuda | cuda:N")
     fp16: bool = Field(
         default=False,

@@ -6,18 +6,21 @@ import math
 
 import numpy as np
 import pytest
+import torch
+import torch.nn.functional as F
 
 from cvserve.worker.decoders import (
     Detections,
     classify,
     decode_detr,
-    decode_semantic,
     decode_yolov5,
     decode_yolov8,
     decode_yolov8_seg,
     decode_yolox,
 )
+from cvserve.worker.preprocess import Geometry
 from cvserve.worker.repository import OutputSpec
+from cvserve.worker.segmentation import label_map_at_original
 
 THRESHOLD = 0.3
 # One scene for every YOLO variant, as (xyxy box in input px, class scores, objectness).
@@ -244,14 +247,15 @@ def test_detr_box_count_must_match_queries() -> None:
 
 # --- Semantic segmentation and classification --------------------------------------------
 
-def test_semantic_nchw_and_nhwc_give_the_same_argmax() -> None:
+def same_size(hw: tuple[int, int]) -> Geometry:
+    return Geometry(hw, hw, (1.0, 1.0), (0.0, 0.0))
+
+
+def test_semantic_label_map_is_the_argmax_at_the_same_size() -> None:
     logits = np.random.default_rng(0).normal(size=(5, 6, 8)).astype(np.float32)  # [C, h, w]
-    expected = logits.argmax(axis=0)
-    nchw = decode_semantic(logits, (6, 8), OutputSpec(layout="NCHW"))
-    nhwc = decode_semantic(logits.transpose(1, 2, 0), (6, 8), OutputSpec(layout="NHWC"))
-    assert nchw.dtype == np.int64 and nchw.shape == (6, 8)
-    np.testing.assert_array_equal(nchw, expected)
-    np.testing.assert_array_equal(nhwc, expected)
+    labels = label_map_at_original(torch.from_numpy(logits), same_size((6, 8)))
+    assert labels.dtype == np.uint8 and labels.shape == (6, 8)
+    np.testing.assert_array_equal(labels, logits.argmax(axis=0))
 
 
 def test_semantic_upsamples_half_size_logits_to_input() -> None:
@@ -259,10 +263,34 @@ def test_semantic_upsamples_half_size_logits_to_input() -> None:
     # boundary to the matching place on the 8x12 input: (row < 4) == (col < 6).
     sign = np.where(np.arange(4)[:, None] < 2, 1.0, -1.0) * np.where(np.arange(6) < 3, 1, -1)
     logits = np.stack([-sign, sign]).astype(np.float32)  # [2, 4, 6]
-    labels = decode_semantic(logits, (8, 12), OutputSpec())
+    labels = label_map_at_original(torch.from_numpy(logits), same_size((8, 12)))
     expected = (np.arange(8)[:, None] < 4) == (np.arange(12) < 6)
-    assert labels.shape == (8, 12) and labels.dtype == np.int64
-    np.testing.assert_array_equal(labels, expected.astype(np.int64))
+    np.testing.assert_array_equal(labels, expected.astype(np.uint8))
+
+
+def test_semantic_label_map_equals_one_interpolate_to_the_original(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A `shorter` resize of a 61x83 photo to a 30x40 input (whose logits are 15x20): the
+    served map equals F.interpolate of the logits straight to 61x83 (noise logits: most
+    pixels are boundary pixels, interpolated chunk by chunk)."""
+    from cvserve.worker import segmentation
+    from cvserve.worker.preprocess import fit
+    from cvserve.worker.repository import InputSpec
+
+    monkeypatch.setattr(segmentation, "CHUNK_PIXELS", 97)  # boundary pixels in many chunks
+    _, geometry = fit((61, 83), InputSpec(resize="shorter", resize_shorter=30))
+    assert geometry.input_hw == (30, 40)  # torchvision's Resize(30): 83 * 30 / 61 truncated
+    logits = torch.randn(5, 15, 20, generator=torch.Generator().manual_seed(1))
+    want = F.interpolate(logits[None], size=(61, 83), mode="bilinear",
+                         align_corners=False)[0].argmax(0).numpy()
+    got = label_map_at_original(logits, geometry)
+    assert got.shape == (61, 83)
+    assert (got == want).mean() >= 0.999  # float rounding may flip a near tie
+    smooth = F.interpolate(logits[None], scale_factor=4, mode="bilinear")[0]  # 60x80
+    want = F.interpolate(smooth[None], size=(61, 83), mode="bilinear",
+                         align_corners=False)[0].argmax(0).numpy()
+    _, geometry = fit((61, 83), InputSpec(resize="shorter", resize_shorter=60))
+    assert (label_map_at_original(smooth, geometry) == want).mean() >= 0.999
 
 
 def test_classify_softmax_top_k_best_first() -> None:

@@ -9,6 +9,7 @@ same answer whatever format the photo arrives in.
 
 from __future__ import annotations
 
+import base64
 import io
 import os
 import subprocess
@@ -27,7 +28,7 @@ from PIL import Image
 
 from cvserve.models.export import DEMO_WEIGHTS, export_detector
 
-from .conftest import SHARED, Service, embedded_service, iou
+from .conftest import REPO_ROOT, SHARED, Service, embedded_service, iou
 
 MIRROR, TESTDATA = SHARED / "models", SHARED / "testdata"
 YOLOX = MIRROR / "yolox-nano" / "yolox_nano.onnx"
@@ -311,3 +312,44 @@ def test_fixed_batch_graph_batched_equals_alone(real_service: Service) -> None:
         assert runs_of_one < runs, "concurrent requests formed batches larger than 1"
     else:
         assert runs_of_one == runs
+
+
+# ../shared/models/README.md: DeepLabV3 (stretched to 257x257; fractions of that map).
+README_DEEPLAB = {"000000000785.jpg": ("person", 0.10), "000000000139.jpg": ("chair", 0.016),
+                  "000000000285.jpg": ("dog", 0.75)}
+
+
+def official_deeplab(session: ort.InferenceSession, path: Path) -> np.ndarray:
+    """The exporter's pipeline: Pillow bilinear to 257x257, x / 127.5 - 1, NHWC, argmax of
+    the 257x257 logits -> [257, 257] class ids."""
+    with Image.open(path) as image:
+        rgb = image.convert("RGB").resize((257, 257), Image.Resampling.BILINEAR)
+    x = (np.asarray(rgb, dtype=np.float32) / 127.5 - 1)[None]
+    [logits] = session.run(None, {session.get_inputs()[0].name: x})
+    return logits[0].argmax(-1)
+
+
+@pytest.mark.parametrize("name", sorted(README_DEEPLAB))
+def test_deeplab_segments_what_the_readme_lists(real_service: Service, name: str) -> None:
+    """Through /segment (the mirror's DeepLab is installed as the default semantic
+    model): the listed class's pixel share within 0.02 of the README's and of the
+    exporter's own pipeline, and the rest background. Our fractions are of the label map
+    at the original resolution, the README's of the 257x257 map."""
+    session = ort.InferenceSession(str(MIRROR / "deeplabv3-mobilenetv2-voc" /
+                                       "deeplab_v3_1_default_1.onnx"))
+    labels = (REPO_ROOT / "models" / "labels" / "voc21.txt").read_text().splitlines()
+    official = official_deeplab(session, TESTDATA / name)
+    r = httpx.post(f"{real_service.url}/segment", timeout=60,
+                   files={"file": (name, (TESTDATA / name).read_bytes(), "image/jpeg")})
+    assert r.status_code == 200, r.text
+    answer = r.json()
+    assert answer["model"] == "deeplabv3-mobilenetv2-voc"
+    label, share = README_DEEPLAB[name]
+    served = {c["label"]: c["fraction"] for c in answer["classes"]}
+    want = float((official == labels.index(label)).mean())
+    assert served[label] == pytest.approx(share, abs=0.02)
+    assert served[label] == pytest.approx(want, abs=0.02)
+    assert served["background"] == pytest.approx(1 - want, abs=0.03)
+    with Image.open(io.BytesIO(base64.b64decode(answer["label_map"]["data"]))) as png, \
+            Image.open(TESTDATA / name) as photo:
+        assert png.size == photo.size

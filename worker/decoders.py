@@ -1,4 +1,4 @@
-"""Output decoders: one image's raw model outputs -> boxes, masks, label maps or classes.
+"""Output decoders: one image's raw model outputs -> boxes, masks or classes.
 
 Each decoder follows the postprocess of the code that trained the model (YOLOX demo,
 YOLOv5 / Ultralytics `non_max_suppression`, DETR `PostProcess`), so that a model exported
@@ -202,20 +202,6 @@ def decode_detr(logits: np.ndarray, boxes: np.ndarray, input_hw: tuple[int, int]
     scale = torch.tensor([width, height, width, height], dtype=torch.float32)
     xyxy = box_convert(q_boxes[order], "cxcywh", "xyxy") * scale
     return _to_detections(xyxy, scores[order], class_ids[order])
-
-
-@torch.no_grad()
-def decode_semantic(logits: np.ndarray, input_hw: tuple[int, int],
-                    spec: OutputSpec) -> np.ndarray:
-    """Class logits [C, h, w] (NCHW) or [h, w, C] (NHWC) -> label map [H_in, W_in] int64."""
-    x = _tensor(logits, "logits", 3)
-    if spec.layout == "NHWC":
-        x = x.permute(2, 0, 1)  # [C, h, w]
-    if tuple(x.shape[1:]) != tuple(input_hw):
-        # Upsample logits, not labels, as torchvision's and HF's segmentation heads do.
-        x = F.interpolate(x[None], size=tuple(input_hw), mode="bilinear",
-                          align_corners=False)[0]
-    return x.argmax(dim=0).numpy().astype(np.int64)
 
 
 @torch.no_grad()

@@ -17,6 +17,11 @@ with NMS where the model has none), and the recorded geometry maps boxes back.
     prepare:  decode -> resize/letterbox/crop -> colours, scale, layout (thread pool)
     run:      stack -> model -> raw outputs, split per image         (model thread)
     finish:   decode + NMS at the request's threshold -> original px  (thread pool)
+
+Instance segmenters (Mask R-CNN, YOLOv8-seg) answer here too: each detection's mask is
+pasted at the original resolution (as the eager model pastes it) and encoded as COCO RLE
+(or polygons) one at a time in `finish`, off the model thread; keypoint R-CNN adds
+per-detection keypoints in original pixels.
 """
 
 from __future__ import annotations
@@ -25,17 +30,25 @@ from typing import Any
 
 import numpy as np
 import torch
-from torchvision.models.detection.transform import GeneralizedRCNNTransform, resize_boxes
-from torchvision.utils import draw_bounding_boxes
+from torchvision.models.detection.transform import (
+    GeneralizedRCNNTransform,
+    resize_boxes,
+    resize_keypoints,
+)
 
 from cvserve.app.queue import Job
 
 from . import decoders
 from .gpu import Staged, decode_rgb_on, is_cuda, record_ready, staging
 from .imaging import decode_rgb, encode_png
+from .masks import COCO_SKELETON, encode_rle, mask_polygons, paste_masks, render_instances
 from .preprocess import preprocess
 from .task import Prepared, Task
 from .torchscript_backend import TorchScriptBackend
+
+# Per-detection outputs of instance (masks [K, M, M]) and keypoint cores (keypoints
+# [K, P, 3], keypoint_scores [K, P]), beside boxes / scores / labels.
+EXTRA_OUTPUTS = ("masks", "keypoints", "keypoint_scores")
 
 
 class DetectionTask(Task):
@@ -48,6 +61,7 @@ class DetectionTask(Task):
             fixed_size=spec.fixed_size,
         ).eval()
         self.labels = self.cfg.label_names()
+        self.keypoint_names = self.cfg.keypoint_names()
         # A torchvision detector on a GPU: decode, normalize and resize on the device, on
         # the decode thread's own stream, so that the next batch's copies and preprocessing
         # overlap this batch's compute (worker/gpu.py); the host sends uint8 pixels (or,
@@ -118,12 +132,10 @@ class DetectionTask(Task):
             images = self.transform.batch_images([p.inputs for p in batch],
                                                  self.cfg.input.size_divisible)
             out = self.backend.run({"images": images.numpy(), "image_sizes": sizes})
-        results = []
-        for i in range(len(batch)):
-            n = int(out["counts"][i])
-            results.append({"boxes": out["boxes"][i, :n], "scores": out["scores"][i, :n],
-                            "labels": out["labels"][i, :n]})
-        return results
+        # Instance and keypoint cores add masks / keypoints per detection (same padding).
+        names = [k for k in ("boxes", "scores", "labels", *EXTRA_OUTPUTS) if k in out]
+        counts = [int(c) for c in out["counts"]]
+        return [{k: out[k][i, :n] for k in names} for i, n in enumerate(counts)]
 
     def _run_on_device(self, batch: list[Prepared], sizes: np.ndarray) -> dict[str, np.ndarray]:
         """Pad the staged images into one batch on this thread's compute stream (which waits
@@ -141,17 +153,29 @@ class DetectionTask(Task):
         params = item.job.params
         threshold = float(params.get("score_threshold", self.cfg.thresholds.score_threshold))
         max_det = int(params.get("max_detections", self.cfg.thresholds.max_detections))
+        height, width = item.meta["original_size"]
+        keypoints = None
         if self.rcnn:
             boxes = resize_boxes(torch.from_numpy(output["boxes"]),
                                  list(item.meta["resized_size"]),
-                                 list(item.meta["original_size"]))  # [N, 4] xyxy, original px
+                                 [height, width])  # [N, 4] xyxy, original px
             scores, class_ids = output["scores"], output["labels"]
             keep = np.flatnonzero(scores >= threshold)[:max_det]  # the core sorts by score
             boxes, scores, class_ids = boxes[keep], scores[keep], class_ids[keep]
+            masks = (paste_masks(output["masks"][keep], boxes, (height, width))
+                     if "masks" in output else None)
+            if "keypoints" in output:
+                keypoints = resize_keypoints(torch.from_numpy(output["keypoints"][keep]),
+                                             list(item.meta["resized_size"]), [height, width])
+                keypoints[..., 2] = torch.from_numpy(output["keypoint_scores"][keep])
         else:
             found = self._decode(output, threshold, max_det)
-            boxes = torch.from_numpy(item.meta["geometry"].boxes_to_original(found.boxes))
+            geometry = item.meta["geometry"]
+            boxes = torch.from_numpy(geometry.boxes_to_original(found.boxes))
             scores, class_ids = found.scores, found.class_ids
+            masks = None if found.masks is None else (
+                geometry.map_to_original(torch.from_numpy(m), "bilinear").numpy() > 0.5
+                for m in found.masks)
         detections = [
             {"label": self._label(int(class_ids[i])), "class_id": int(class_ids[i]),
              "score": round(float(scores[i]), 5),
@@ -159,12 +183,21 @@ class DetectionTask(Task):
                              (round(float(v), 2) for v in boxes[i].tolist()), strict=True))}
             for i in range(len(scores))
         ]
-        height, width = item.meta["original_size"]
-        result = {"detections": detections, "image": {"width": width, "height": height}}
-        body = None
         if params.get("render") == "png":
-            body = encode_png(self._draw(item.meta["image"], boxes, detections))
-        return result, body
+            captions = [f"{d['label']} {d['score']:.2f}" for d in detections]
+            image = render_instances(item.meta["image"], boxes, captions, masks, keypoints,
+                                     COCO_SKELETON if len(self.keypoint_names) == 17 else None)
+            return {}, encode_png(image)
+        if masks is not None:  # encoded as pasted: one full-size mask in memory at a time
+            polygons = params.get("mask_format") == "polygon"
+            for detection, mask in zip(detections, masks, strict=True):
+                detection["mask"] = mask_polygons(mask) if polygons else encode_rle(mask)
+        if keypoints is not None:
+            for detection, points in zip(detections, keypoints.tolist(), strict=True):
+                detection["keypoints"] = [
+                    {"name": self._keypoint(k), "x": round(x, 2), "y": round(y, 2),
+                     "score": round(score, 4)} for k, (x, y, score) in enumerate(points)]
+        return {"detections": detections, "image": {"width": width, "height": height}}, None
 
     def _decode(self, output: dict[str, np.ndarray], threshold: float,
                 max_det: int) -> decoders.Detections:
@@ -187,16 +220,12 @@ class DetectionTask(Task):
                                         threshold, max_det)
         raise ValueError(f"model {self.cfg.name}: decoder '{name}' does not give detections")
 
+    def _keypoint(self, index: int) -> str:
+        names = self.keypoint_names
+        return names[index] if index < len(names) else str(index)
+
     def _label(self, class_id: int) -> str:
         if 0 <= class_id < len(self.labels):
             return self.labels[class_id]
         return str(class_id)
-
-    @staticmethod
-    def _draw(image: torch.Tensor, boxes: torch.Tensor, detections: list[dict]) -> torch.Tensor:
-        if not detections:
-            return image
-        names = [f"{d['label']} {d['score']:.2f}" for d in detections]
-        width = max(2, round(max(image.shape[-2:]) / 300))
-        return draw_bounding_boxes(image, boxes, labels=names, width=width, colors="red")
 

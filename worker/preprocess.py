@@ -80,7 +80,13 @@ def resize_uint8(image: torch.Tensor, hw: tuple[int, int], antialias: bool) -> t
 def fit(image_hw: tuple[int, int], spec: InputSpec) -> tuple[tuple[int, int], Geometry]:
     """Where the image lands in the model input: (resized size, geometry)."""
     h, w = image_hw
-    in_h, in_w = spec.size  # type: ignore[misc]  # validated: only rcnn has no size
+    if spec.resize == "shorter":
+        # torchvision's Resize(int): the shorter side to the target, the longer truncated.
+        shorter = spec.resize_shorter or 1  # validated: set for this mode
+        nh, nw = (shorter, max(1, int(shorter * w / h))) if h <= w else (
+            max(1, int(shorter * h / w)), shorter)
+        return (nh, nw), Geometry(image_hw, (nh, nw), (nw / w, nh / h), (0.0, 0.0))
+    in_h, in_w = spec.size  # type: ignore[misc]  # validated: only rcnn/shorter lack size
     if spec.resize == "stretch":
         return (in_h, in_w), Geometry(image_hw, (in_h, in_w), (in_w / w, in_h / h), (0.0, 0.0))
     if spec.resize == "letterbox":

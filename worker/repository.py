@@ -41,8 +41,11 @@ class InputSpec(BaseModel):
     #              fill the rest with `pad_value` (YOLO).
     # center-crop: shorter side to `resize_shorter` (default: max(size)), then crop `size`
     #              from the centre (ImageNet classifiers).
-    resize: Literal["rcnn", "stretch", "letterbox", "center-crop"] = "rcnn"
-    size: tuple[int, int] | None = None  # (height, width) for all but rcnn
+    # shorter:     shorter side to `resize_shorter`, aspect ratio kept, no crop: a variable
+    #              input size (torchvision's semantic segmenters, resize_shorter = 520);
+    #              only images that resize to the same size share a batch.
+    resize: Literal["rcnn", "stretch", "letterbox", "center-crop", "shorter"] = "rcnn"
+    size: tuple[int, int] | None = None  # (height, width) for all but rcnn and shorter
     pad_value: float = 114.0  # letterbox fill, in 0-255 pixel units (before scale)
     anchor: Literal["top-left", "center"] = "top-left"
     resize_shorter: int | None = None
@@ -57,8 +60,10 @@ class InputSpec(BaseModel):
 
     @model_validator(mode="after")
     def _check(self) -> InputSpec:
-        if self.resize != "rcnn" and self.size is None:
+        if self.resize not in ("rcnn", "shorter") and self.size is None:
             raise ValueError(f"resize = '{self.resize}' needs size = [height, width]")
+        if self.resize == "shorter" and not self.resize_shorter:
+            raise ValueError("resize = 'shorter' needs resize_shorter (the shorter side, px)")
         if any(v <= 0 for v in self.std):
             raise ValueError("std must be positive")
         return self
@@ -152,6 +157,8 @@ class ModelConfig(BaseModel):
     # sets it for architectures whose fp16 results are checked (tests/test_gpu_path.py).
     allow_fp16: bool = False
     labels: str | None = "labels.txt"
+    # Keypoint detectors: a file of keypoint names, one per line, in output order.
+    keypoints: str | None = None
     inputs: list[str] = ["images", "image_sizes"]
     outputs: list[str] = ["boxes", "scores", "labels", "counts"]
     input: InputSpec = InputSpec()
@@ -187,6 +194,11 @@ class ModelConfig(BaseModel):
         if not self.labels:
             return []
         return (self.path / self.labels).read_text().splitlines()
+
+    def keypoint_names(self) -> list[str]:
+        if not self.keypoints:
+            return []
+        return (self.path / self.keypoints).read_text().splitlines()
 
     def artifacts_present(self) -> bool:
         sizes = self.batching.batch_sizes if "{batch}" in self.file else [None]

@@ -18,11 +18,17 @@ from .batcher import ModelRunner, batch_limit
 from .detection import DetectionTask
 from .policy import warm_up
 from .repository import ModelConfig, ModelRepository, load_config
+from .segmentation import SemanticTask
 from .task import Task
 
 log = logging.getLogger("cvserve.worker")
 
-TASKS: dict[str, type[Task]] = {"detection": DetectionTask}
+TASKS: dict[str, type[Task]] = {"detection": DetectionTask,
+                                "instance-segmentation": DetectionTask,
+                                "semantic-segmentation": SemanticTask}
+# What a fresh install serves for /segment (the smallest torchvision segmenter: 3.2 M
+# parameters), pretrained when it downloads.
+DEFAULT_SEGMENTER = "lraspp_mobilenet_v3_large"
 
 
 def default_worker_id() -> str:
@@ -33,8 +39,9 @@ def default_worker_id() -> str:
 
 def serving_configs(settings: Settings) -> list[ModelConfig]:
     """The models this worker serves: CVSERVE_MODELS, or every built model in the
-    repository. With no detector at all, one is built (random weights when offline) so
-    that the quick start always answers."""
+    repository. With no detector at all, one is built (random weights when offline), and
+    on a first start (an empty repository) a semantic segmenter too, so that the quick
+    start answers /detect and /segment."""
     install_from_mirror(settings)
     repo = ModelRepository(settings.model_repository)
     configs = repo.configs()
@@ -44,9 +51,12 @@ def serving_configs(settings: Settings) -> list[ModelConfig]:
             log.error("CVSERVE_MODELS names models not in %s: %s", repo.root,
                       ", ".join(sorted(missing)))
         configs = [c for c in configs if c.name in settings.models]
-    if not any(c.task == "detection" for c in configs) and settings.auto_build_default \
-            and not settings.models:
-        configs.append(build_default_detector(settings))
+    if settings.auto_build_default and not settings.models:
+        fresh = not repo.names()  # a first start: the quick start answers every endpoint
+        if not any(c.task in ("detection", "instance-segmentation") for c in configs):
+            configs.append(build_default_detector(settings))
+        if fresh and not any(c.task == "semantic-segmentation" for c in configs):
+            configs.append(build_default_segmenter(settings))
     return configs
 
 
@@ -92,6 +102,22 @@ def build_default_detector(settings: Settings) -> ModelConfig:
     log.warning("using RANDOM weights for %s: it detects nothing meaningful. Export a real "
                 "model with `cvserve models export`", DEFAULT_DETECTOR)
     return load_config(export_detector(DEFAULT_DETECTOR, repo, weights="random"))
+
+
+def build_default_segmenter(settings: Settings) -> ModelConfig:
+    """torchvision's pretrained LR-ASPP when it downloads, else random weights."""
+    from cvserve.models.export import ExportError
+    from cvserve.models.segment_export import export_segmenter
+
+    repo = settings.model_repository
+    log.warning("no segmentation model in %s: building one", repo)
+    try:
+        return load_config(export_segmenter(DEFAULT_SEGMENTER, repo, weights="default"))
+    except ExportError as exc:
+        log.warning("%s", exc)
+    log.warning("using RANDOM weights for %s: it segments nothing meaningful. Export a "
+                "real model with `cvserve models export`", DEFAULT_SEGMENTER)
+    return load_config(export_segmenter(DEFAULT_SEGMENTER, repo, weights="random"))
 
 
 def build_task(cfg: ModelConfig, settings: Settings) -> Task:
