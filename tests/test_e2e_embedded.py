@@ -74,15 +74,23 @@ def test_health_and_readiness(embedded: Service) -> None:
     assert httpx.get(f"{embedded.url}/readyz").status_code == 200
 
 
-def test_fresh_repository_serves_the_demo_detector_offline(tmp_path: Path) -> None:
+def test_fresh_repository_serves_the_demo_detector_and_a_segmenter_offline(tmp_path: Path) -> None:
     # An unreachable proxy stands for "offline": the pretrained download fails at once.
     env = {"CVSERVE_MODEL_REPOSITORY": str(tmp_path / "models"), "TORCH_HOME": str(tmp_path),
            "HTTPS_PROXY": "http://127.0.0.1:9", "https_proxy": "http://127.0.0.1:9"}
     svc = Service("run", env, tmp_path, port=free_port()).start()
     try:
         svc.wait_ready(timeout=180)
-        [model] = httpx.get(f"{svc.url}/models").json()["models"]
-        assert model["name"] == "demo-detector" and "demo" in svc.log()
+        models = {m["name"]: m for m in httpx.get(f"{svc.url}/models").json()["models"]}
+        assert set(models) == {"demo-detector", "lraspp_mobilenet_v3_large"}
+        assert "demo" in svc.log()
+        # The quick start answers /segment too (random weights offline: says so).
+        assert models["lraspp_mobilenet_v3_large"]["weights_kind"] == "random"
+        segment = httpx.post(f"{svc.url}/segment", timeout=60,
+                             files={"file": ("s.jpg", make_scene(5, 320, 240).jpeg())}).json()
+        assert segment["model"] == "lraspp_mobilenet_v3_large"
+        assert segment["image"] == {"width": 320, "height": 240}
+        assert sum(c["fraction"] for c in segment["classes"]) == pytest.approx(1, abs=1e-4)
         found = 0
         scenes = [make_scene(seed, 480, 360) for seed in (11, 12, 13)]
         for scene in scenes:
