@@ -345,3 +345,67 @@ def test_bad_segment_requests_are_json_errors(seg_service: Service, path: str,
 def test_undecodable_upload_is_415(seg_service: Service) -> None:
     r = post(seg_service.url, "/segment", b"not an image")
     assert r.status_code == 415 and r.json()["error"]["code"]
+
+
+# --- YOLOv8-seg masks through the letterbox geometry -----------------------------------
+
+class ConstantSeg(torch.nn.Module):
+    """A YOLOv8-seg-shaped model that sees one object whatever the image: box (cx, cy, w, h)
+    = (32, 16, 40, 20) in 64x64 input pixels, class 0 at 0.9, one prototype whose mask
+    logit is +10 everywhere (the decoder crops it to the box)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        box_class_coefficient = torch.tensor([32.0, 16.0, 40.0, 20.0, 0.9, 1.0])
+        self.register_buffer("pred", box_class_coefficient[None, :, None])
+        self.register_buffer("protos", torch.full((1, 1, 16, 16), 10.0))
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        zero = images.sum(dim=(1, 2, 3)) * 0  # [B]: keeps the batch dimension
+        return (self.pred + zero[:, None, None],  # [B, 4 + 1 class + 1 coefficient, 1 anchor]
+                self.protos + zero[:, None, None, None])  # [B, 1 prototype, 16, 16]
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # the legacy ONNX exporter
+def test_yolov8_seg_mask_maps_back_through_the_letterbox(tmp_path: Path) -> None:
+    """A 128x64 photo letterboxed (top-left) into 64x64 at half scale: the box's mask,
+    (12, 6)-(52, 26) in model pixels, is pixels 24..103 x 12..51 of the photo."""
+    from cvserve.app.queue import Job
+    from cvserve.app.settings import Settings
+    from cvserve.worker.repository import load_config
+    from cvserve.worker.server import build_task
+
+    folder = tmp_path / "seg"
+    folder.mkdir()
+    torch.onnx.export(ConstantSeg(), (torch.zeros(1, 3, 64, 64),), str(folder / "m.onnx"),
+                      dynamo=False, input_names=["images"], output_names=["pred", "protos"],
+                      dynamic_axes={"images": {0: "b"}, "pred": {0: "b"}, "protos": {0: "b"}})
+    (folder / "labels.txt").write_text("thing\n")
+    (folder / "model.toml").write_text('''task = "instance-segmentation"
+backend = "onnx"
+file = "m.onnx"
+inputs = ["images"]
+outputs = ["pred", "protos"]
+
+[input]
+scale = 0.00392156862745098
+mean = [0, 0, 0]
+std = [1, 1, 1]
+resize = "letterbox"
+size = [64, 64]
+
+[output]
+decoder = "yolov8-seg"
+''')
+    task = build_task(load_config(folder), Settings(device="cpu"))
+    photo_jpeg = make_scene(1, 128, 64).jpeg()
+    item = task.prepare(Job(model="seg", task="instance-segmentation", payload=photo_jpeg,
+                            deadline_ms=0, params={}))
+    [output] = task.run([item])
+    [detection] = task.finish(item, output)[0]["detections"]
+    assert detection["box"] == {"x1": 24.0, "y1": 12.0, "x2": 104.0, "y2": 52.0}
+    mask = mask_utils.decode({"size": detection["mask"]["size"],
+                              "counts": detection["mask"]["counts"].encode()}).astype(bool)
+    want = np.zeros((64, 128), dtype=bool)
+    want[12:52, 24:104] = True
+    np.testing.assert_array_equal(mask, want)
