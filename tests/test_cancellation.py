@@ -67,8 +67,10 @@ def check_disconnected_job_never_runs(url: str, metrics_url: str) -> None:
 
 
 def slow_repo(root: Path) -> Path:
-    # About a second per image here, one image per batch: a job waits behind another.
-    write_model(root, MODEL, PerImage(200), 'max_batch_size = 1\npolicy = "fixed"')
+    # About 1.2 s per image on an idle 2-core machine (0.4 s at 200 steps was too close to
+    # the leaving client's 0.4 s: the first job could finish before it left), one image per
+    # batch: a job waits behind another.
+    write_model(root, MODEL, PerImage(600), 'max_batch_size = 1\npolicy = "fixed"')
     return root
 
 
