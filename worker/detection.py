@@ -60,7 +60,6 @@ class DetectionTask(Task):
             image_std=list(spec.std), size_divisible=spec.size_divisible,
             fixed_size=spec.fixed_size,
         ).eval()
-        self.labels = self.cfg.label_names()
         self.keypoint_names = self.cfg.keypoint_names()
         # A torchvision detector on a GPU: decode, normalize and resize on the device, on
         # the decode thread's own stream, so that the next batch's copies and preprocessing
@@ -177,7 +176,7 @@ class DetectionTask(Task):
                 geometry.map_to_original(torch.from_numpy(m), "bilinear").numpy() > 0.5
                 for m in found.masks)
         detections = [
-            {"label": self._label(int(class_ids[i])), "class_id": int(class_ids[i]),
+            {"label": self.label(int(class_ids[i])), "class_id": int(class_ids[i]),
              "score": round(float(scores[i]), 5),
              "box": dict(zip(("x1", "y1", "x2", "y2"),
                              (round(float(v), 2) for v in boxes[i].tolist()), strict=True))}
@@ -224,8 +223,4 @@ class DetectionTask(Task):
         names = self.keypoint_names
         return names[index] if index < len(names) else str(index)
 
-    def _label(self, class_id: int) -> str:
-        if 0 <= class_id < len(self.labels):
-            return self.labels[class_id]
-        return str(class_id)
 

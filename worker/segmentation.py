@@ -79,10 +79,6 @@ def label_map_at_original(logits: torch.Tensor, geometry: Geometry) -> np.ndarra
 
 
 class SemanticTask(Task):
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.labels = self.cfg.label_names()
-
     def prepare(self, job: Job) -> Prepared:
         image, info = decode_rgb(job.payload, self.settings.image_pixels)
         x, geometry = preprocess(image, self.cfg.input)
@@ -114,7 +110,7 @@ class SemanticTask(Task):
         height, width = item.meta["original_size"]
         counts = np.bincount(label_map.ravel(), minlength=classes)
         present = [int(c) for c in np.argsort(-counts, kind="stable") if counts[c]]
-        found = [{"label": self._label(c), "class_id": c,
+        found = [{"label": self.label(c), "class_id": c,
                   "fraction": round(float(counts[c]) / label_map.size, 6)} for c in present]
         render = params.get("render")
         if render == "png":
@@ -133,7 +129,3 @@ class SemanticTask(Task):
                                    "data": base64.b64encode(png).decode("ascii")}
         return result, None
 
-    def _label(self, class_id: int) -> str:
-        if 0 <= class_id < len(self.labels):
-            return self.labels[class_id]
-        return str(class_id)

@@ -33,6 +33,13 @@ class Task(ABC):
         self.cfg = cfg
         self.backend = backend
         self.settings = settings
+        self.labels = cfg.label_names()
+
+    def label(self, class_id: int) -> str:
+        """The class's name (its number when the labels file has none for it)."""
+        if 0 <= class_id < len(self.labels):
+            return self.labels[class_id]
+        return str(class_id)
 
     def timed_prepare(self, job: Job) -> Prepared:
         t0 = time.perf_counter()
