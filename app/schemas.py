@@ -116,6 +116,8 @@ class ModelInfo(BaseModel):
     output: dict[str, Any] = Field(default_factory=dict)
     batching: dict[str, Any]
     thresholds: dict[str, Any] = Field(default_factory=dict)
+    video: dict[str, Any] | None = Field(None, description="video models: clip sampling "
+                                                          "and layout")
     batch_sizes: list[int] | None = None
     batching_policy: dict[str, Any] = Field(
         default_factory=dict, description="The measured throughput by batch size and the "

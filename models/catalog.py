@@ -176,6 +176,12 @@ size = [224, 224]
 decoder = "classification-logits"
 activation = "softmax"
 
+[video]  # Kinetics clips at 25 fps, 16 frames (0.64 s) per clip; the graph's T is fixed
+layout = "NCTHW"
+clip_len = 16
+frame_rate = 25.0
+num_clips = 5
+
 [batching]
 max_batch_size = 1
 """,

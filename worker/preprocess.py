@@ -95,11 +95,14 @@ def fit(image_hw: tuple[int, int], spec: InputSpec) -> tuple[tuple[int, int], Ge
         nh, nw = max(1, int(h * r)), max(1, int(w * r))
         ox, oy = ((in_w - nw) // 2, (in_h - nh) // 2) if spec.anchor == "center" else (0, 0)
         return (nh, nw), Geometry(image_hw, (in_h, in_w), (r, r), (float(ox), float(oy)))
-    # center-crop: torchvision's Resize(shorter) + CenterCrop(size)
-    shorter = spec.resize_shorter or max(in_h, in_w)
-    if h <= w:
+    # center-crop: torchvision's Resize(shorter) or Resize((h, w)), then CenterCrop(size)
+    if spec.resize_to is not None:
+        nh, nw = spec.resize_to
+    elif h <= w:
+        shorter = spec.resize_shorter or max(in_h, in_w)
         nh, nw = shorter, int(shorter * w / h)
     else:
+        shorter = spec.resize_shorter or max(in_h, in_w)
         nh, nw = int(shorter * h / w), shorter
     top, left = int(round((nh - in_h) / 2)), int(round((nw - in_w) / 2))
     return (nh, nw), Geometry(image_hw, (in_h, in_w), (nw / w, nh / h),

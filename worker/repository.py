@@ -39,8 +39,9 @@ class InputSpec(BaseModel):
     # stretch:     resize to `size`, aspect ratio not kept.
     # letterbox:   scale by min(size / image) keeping the aspect ratio, paste at `anchor`,
     #              fill the rest with `pad_value` (YOLO).
-    # center-crop: shorter side to `resize_shorter` (default: max(size)), then crop `size`
-    #              from the centre (ImageNet classifiers).
+    # center-crop: shorter side to `resize_shorter` (default: max(size)), or the whole
+    #              frame to exactly `resize_to` (torchvision's video presets: 128x171),
+    #              then crop `size` from the centre (ImageNet and video classifiers).
     # shorter:     shorter side to `resize_shorter`, aspect ratio kept, no crop: a variable
     #              input size (torchvision's semantic segmenters, resize_shorter = 520);
     #              only images that resize to the same size share a batch.
@@ -49,6 +50,7 @@ class InputSpec(BaseModel):
     pad_value: float = 114.0  # letterbox fill, in 0-255 pixel units (before scale)
     anchor: Literal["top-left", "center"] = "top-left"
     resize_shorter: int | None = None
+    resize_to: tuple[int, int] | None = None  # center-crop: (height, width) before the crop
     # Pillow-style antialiasing when shrinking. Off matches OpenCV's INTER_LINEAR, which
     # most exporters (YOLOX, YOLOv5/v8) preprocess with; on matches torchvision's resize.
     antialias: bool = False
@@ -66,6 +68,50 @@ class InputSpec(BaseModel):
             raise ValueError("resize = 'shorter' needs resize_shorter (the shorter side, px)")
         if any(v <= 0 for v in self.std):
             raise ValueError("std must be positive")
+        if self.resize_to is not None:
+            if self.resize != "center-crop" or self.resize_shorter is not None:
+                raise ValueError("resize_to goes with resize = 'center-crop', instead of "
+                                 "resize_shorter")
+            if self.size and (self.resize_to[0] < self.size[0] or self.resize_to[1] < self.size[1]):
+                raise ValueError(f"resize_to {self.resize_to} is smaller than the crop "
+                                 f"{self.size}")
+        return self
+
+
+class VideoSpec(BaseModel):
+    """How a video becomes the clips a video model takes (worker/video_classification.py).
+
+    Each frame goes through `[input]` as an image would (resize, crop, colour, mean/std);
+    the frames of a clip are then stacked in `layout`.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    # NCTHW: [clips, 3, T, H, W] (torchvision's 3D CNNs and video transformers, I3D);
+    # NTCHW: [clips, T, 3, H, W] (VideoMAE-style exports);
+    # frames: an image classifier run on every sampled frame [clips * T, 3, H, W], its
+    #         probabilities averaged over the clip's frames (the single-frame baseline).
+    layout: Literal["NCTHW", "NTCHW", "frames"] = "NCTHW"
+    clip_len: int = Field(default=16, ge=1)  # frames per clip (the model's T)
+    # Whether a request may ask for another clip_len (a graph with a symbolic T; models
+    # that pool over time adaptively). A fixed-T graph (MViT, I3D's ONNX) may not.
+    dynamic_clip_len: bool = False
+    # Default sampling: frames per second (the rate the model was trained at), or every
+    # frame_stride-th frame of the file; exactly one.
+    frame_rate: float | None = Field(default=15.0, gt=0)
+    frame_stride: int | None = Field(default=None, ge=1)
+    num_clips: int = Field(default=5, ge=1)  # default uniform clips per video
+    # Localization windows: every clip_stride_s seconds (default: half a clip).
+    clip_stride_s: float | None = Field(default=None, gt=0)
+    # A label that means "no action" (background): never reported as a segment.
+    background_label: str | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> VideoSpec:
+        if self.frame_stride is not None:
+            self.frame_rate = None
+        if self.frame_rate is None and self.frame_stride is None:
+            raise ValueError("[video] needs frame_rate (fps) or frame_stride")
         return self
 
 
@@ -163,6 +209,7 @@ class ModelConfig(BaseModel):
     outputs: list[str] = ["boxes", "scores", "labels", "counts"]
     input: InputSpec = InputSpec()
     output: OutputSpec = OutputSpec()
+    video: VideoSpec | None = None  # video tasks: clip sampling and layout
     batching: BatchingSpec = BatchingSpec()
     thresholds: Thresholds = Thresholds()
     path: Path = Path(".")
@@ -181,6 +228,11 @@ class ModelConfig(BaseModel):
         if len(self.outputs) < needs:
             raise ValueError(f"decoder '{decoder}' reads {needs} outputs; outputs = "
                              f"{self.outputs}")
+        video_task = self.task in ("video-classification", "temporal-localization")
+        if video_task and self.video is None:
+            self.video = VideoSpec()
+        if not video_task and self.video is not None:
+            raise ValueError(f"[video] is for video models; this is a {self.task} model")
         shorter, size = self.input.resize_shorter, self.input.size
         if resize == "center-crop" and shorter is not None and size and shorter < max(size):
             raise ValueError(f"resize_shorter {shorter} is smaller than the crop {size}")
@@ -214,6 +266,7 @@ class ModelConfig(BaseModel):
             "input": self.input.model_dump(mode="json"),
             "output": self.output.model_dump(mode="json"),
             "batching": self.batching.model_dump(mode="json"),
+            **({"video": self.video.model_dump(mode="json")} if self.video else {}),
             "thresholds": self.thresholds.model_dump(mode="json"),
         }
 
