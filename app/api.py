@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -20,10 +21,27 @@ from prometheus_client import CONTENT_TYPE_LATEST, Counter, Histogram, generate_
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from .errors import CvserveError, DeadlineExceeded, InputError, ModelNotFound, Overloaded, from_code
-from .media import probe_image
+from .errors import (
+    CvserveError,
+    DeadlineExceeded,
+    InputError,
+    JobNotFound,
+    ModelNotFound,
+    Overloaded,
+    from_code,
+)
+from .media import VideoLimits, probe_image, probe_video
 from .queue import Job, JobQueue, WorkerInfo, now_ms
-from .schemas import DetectResponse, ErrorResponse, ModelInfo, ModelList, SegmentResponse
+from .schemas import (
+    ClassifyVideoResponse,
+    DetectResponse,
+    ErrorResponse,
+    JobAccepted,
+    JobStatus,
+    ModelInfo,
+    ModelList,
+    SegmentResponse,
+)
 from .settings import Settings
 from .uploads import read_upload
 
@@ -42,10 +60,16 @@ IMAGE_BODY = {"requestBody": {"required": True, "content": {
         "file": {"type": "string", "format": "binary"}}}},
     "image/*": {"schema": {"type": "string", "format": "binary"}},
 }}}
+VIDEO_BODY = {"requestBody": {"required": True, "content": {
+    "multipart/form-data": {"schema": {"type": "object", "required": ["file"], "properties": {
+        "file": {"type": "string", "format": "binary"}}}},
+    "video/*": {"schema": {"type": "string", "format": "binary"}},
+}}}
 # A task's default model, when none is configured: real weights before the demo's
 # before random ones, then by name.
 WEIGHTS_RANK = {"pretrained": 0, "demo": 1, "random": 2}
 ERRORS = {code: {"model": ErrorResponse} for code in (400, 404, 413, 415, 503, 504)}
+VIDEO_TASKS = ("video-classification", "temporal-localization")
 
 
 def error_response(err: CvserveError, request_id: str | None = None) -> JSONResponse:
@@ -315,6 +339,86 @@ def create_app(settings: Settings, queue: JobQueue,
             return Response(body, media_type="image/png")
         return JSONResponse({"model": info.name, **result})
 
+    @app.post("/classify-video", response_model=ClassifyVideoResponse,
+              openapi_extra=VIDEO_BODY,
+              responses={**ERRORS, 202: {"model": JobAccepted,
+                                         "description": "Run as a job: poll status_url"}})
+    async def classify_video(
+        request: Request,
+        model: str | None = Query(None, description="A video-classification or "
+                                                    "temporal-localization model"),
+        clip_len: int | None = Query(None, ge=1, le=512, description="Frames per clip "
+                                                                      "(default: the model's)"),
+        frame_rate: float | None = Query(None, gt=0, le=240, description="Frames per second "
+                                                                         "sampled in a clip"),
+        frame_stride: int | None = Query(None, ge=1, le=1000,
+                                         description="Or: every n-th frame of the file"),
+        num_clips: int | None = Query(None, ge=1, le=1000,
+                                      description="Clips spread uniformly over the video"),
+        clip_stride_s: float | None = Query(None, gt=0,
+                                            description="Or: a clip every this many seconds "
+                                                        "(sliding windows)"),
+        top_k: int | None = Query(None, ge=1, le=100),
+        clips: bool | None = Query(None, description="Also answer each clip's top labels"),
+        localize: bool | None = Query(None, description="Temporal action localization: "
+                                                        "segments[] over sliding windows"),
+        score_threshold: float | None = Query(None, ge=0, le=1,
+                                              description="localize: the lowest segment score"),
+        nms_iou: float | None = Query(None, ge=0, le=1, description="localize: temporal NMS"),
+        max_segments: int | None = Query(None, ge=1, le=1000),
+        async_: bool | None = Query(None, alias="async",
+                                    description="Answer 202 with a job id at once; GET "
+                                                "/jobs/{id} for progress and the result"),
+        timeout_s: float | None = Query(None, gt=0),
+    ) -> Response:
+        data, fields = await read_upload(request, settings.video_upload_bytes,
+                                         "CVSERVE_VIDEO_UPLOAD_BYTES")
+        args = _merge_form({"model": model, "clip_len": clip_len, "frame_rate": frame_rate,
+                            "frame_stride": frame_stride, "num_clips": num_clips,
+                            "clip_stride_s": clip_stride_s, "top_k": top_k, "clips": clips,
+                            "localize": localize, "score_threshold": score_threshold,
+                            "nms_iou": nms_iou, "max_segments": max_segments,
+                            "async": async_, "timeout_s": timeout_s}, fields)
+        if not data:
+            raise InputError("the upload is empty; send a video as multipart `file` or as "
+                             "the request body")
+        # 413 / 415 before anything is queued; off the event loop (it decodes one frame).
+        info = await asyncio.to_thread(probe_video, data,
+                                      VideoLimits.from_settings(settings))
+        if args["frame_rate"] is not None and args["frame_stride"] is not None:
+            raise InputError("give frame_rate or frame_stride, not both")
+        if args["num_clips"] is not None and args["clip_stride_s"] is not None:
+            raise InputError("give num_clips (uniform) or clip_stride_s (sliding windows), "
+                             "not both")
+        model_info = await directory.resolve(args["model"], VIDEO_TASKS,
+                                             settings.default_video_model)
+        params = {k: v for k, v in args.items()
+                  if v is not None and k not in ("model", "async", "timeout_s")}
+        detached = bool(args["async"]) or info.duration_s > settings.async_video_duration_s
+        if args["async"] is False and info.duration_s > settings.async_video_duration_s:
+            detached = False  # the client asked to wait; its timeout_s still holds
+        if not detached:
+            result, _ = await run_job(request, model_info, params, data, args["timeout_s"])
+            return JSONResponse({"model": model_info.name, **result})
+        timeout = args["timeout_s"] or settings.async_job_timeout_s
+        job = Job(model=model_info.name, task=model_info.task, payload=data, params=params,
+                  deadline_ms=now_ms() + int(timeout * 1000),
+                  request_id=request.state.request_id)
+        await queue.submit_detached(job)
+        url = f"/jobs/{job.id}"
+        return JSONResponse(JobAccepted(job_id=job.id, status_url=url).model_dump(),
+                            status_code=202, headers={"Location": url})
+
+    @app.get("/jobs/{job_id}", response_model=JobStatus, responses={404: ERRORS[404]})
+    async def get_job(job_id: str) -> JSONResponse:
+        record = await queue.record(job_id)
+        if record is None:
+            raise JobNotFound(f"no job '{job_id}': unknown, or its result expired "
+                              f"(kept {settings.job_ttl_s} s after it ends, CVSERVE_JOB_TTL_S)")
+        if record.get("status") == "done" and record.get("result") is not None:
+            record["result"] = {"model": record["model"], **record["result"]}
+        return JSONResponse(JobStatus(**record).model_dump(exclude_none=True))
+
     # --- models and health -------------------------------------------------------------
     @app.get("/models", response_model=ModelList)
     async def list_models() -> ModelList:
@@ -372,8 +476,22 @@ def _semantic_params(args: dict[str, Any], png: bool) -> dict[str, Any]:
     return params
 
 
+def _form_bool(raw: str) -> bool:
+    value = raw.strip().lower()
+    if value in ("true", "1", "yes", "on"):
+        return True
+    if value in ("false", "0", "no", "off"):
+        return False
+    raise ValueError(raw)
+
+
+_form_bool.__name__ = "boolean (true / false)"
+
 _FIELD_TYPES: dict[str, Callable[[str], Any]] = {
-    "score_threshold": float, "max_detections": int, "timeout_s": float}
+    "score_threshold": float, "max_detections": int, "timeout_s": float,
+    "clip_len": int, "frame_rate": float, "frame_stride": int, "num_clips": int,
+    "clip_stride_s": float, "top_k": int, "nms_iou": float, "max_segments": int,
+    "clips": _form_bool, "localize": _form_bool, "async": _form_bool}
 
 
 def _merge_form(query: dict[str, Any], fields: dict[str, str]) -> dict[str, Any]:
@@ -388,8 +506,19 @@ def _merge_form(query: dict[str, Any], fields: dict[str, str]) -> dict[str, Any]
         except ValueError:
             raise InputError(f"form field {key}={raw!r} is not a valid "
                              f"{convert.__name__}") from None
-    if args.get("score_threshold") is not None and not 0 <= args["score_threshold"] <= 1:
-        raise InputError("score_threshold must be within [0, 1]")
-    if args.get("max_detections") is not None and not 1 <= args["max_detections"] <= 1000:
-        raise InputError("max_detections must be within [1, 1000]")
+    for key, (low, high) in _FIELD_RANGES.items():
+        value = args.get(key)
+        if value is not None and not (low <= value <= high and math.isfinite(value)):
+            raise InputError(f"{key} must be within [{low:g}, {high:g}], got {value}")
+    for key in ("timeout_s", "clip_stride_s"):
+        value = args.get(key)
+        if value is not None and not (value > 0 and math.isfinite(value)):
+            raise InputError(f"{key} must be a positive number, got {value}")
     return args
+
+
+# What the endpoints' Query(...) bounds say, for values that came as form fields.
+_FIELD_RANGES: dict[str, tuple[float, float]] = {
+    "score_threshold": (0, 1), "max_detections": (1, 1000), "clip_len": (1, 512),
+    "frame_rate": (1e-6, 240), "frame_stride": (1, 1000), "num_clips": (1, 1000),
+    "top_k": (1, 100), "nms_iou": (0, 1), "max_segments": (1, 1000)}

@@ -48,6 +48,11 @@ class ModelNotFound(CvserveError):
     code = "model_not_found"
 
 
+class JobNotFound(CvserveError):
+    status = 404
+    code = "job_not_found"
+
+
 class Overloaded(CvserveError):
     """Queue full or no live worker: the client should retry after `retry_after_s`."""
 
@@ -76,8 +81,8 @@ class JobFailed(CvserveError):
 
 _BY_CODE: dict[str, type[CvserveError]] = {
     cls.code: cls
-    for cls in (InputError, UnsupportedMedia, PayloadTooLarge, ModelNotFound, Overloaded,
-                DeadlineExceeded, BackendError, JobFailed)
+    for cls in (InputError, UnsupportedMedia, PayloadTooLarge, ModelNotFound, JobNotFound,
+                Overloaded, DeadlineExceeded, BackendError, JobFailed)
 }
 
 

@@ -17,7 +17,7 @@ log = logging.getLogger("cvserve")
 
 def make_queue(settings: Settings, consumer: str | None = None) -> JobQueue:
     if settings.redis_url is None:
-        return MemoryQueue(settings.max_queue, settings.retry_after_s)
+        return MemoryQueue(settings.max_queue, settings.retry_after_s, settings.job_ttl_s)
     from .redis_queue import RedisQueue
     return RedisQueue(settings, consumer)
 

@@ -35,6 +35,8 @@ class Job:
     reply_to: str = ""
     request_id: str = ""  # the client's X-Request-ID, for logs
     enqueued_ms: int = field(default_factory=now_ms)
+    # Nobody waits on the answer: it is kept as a job record (GET /jobs/{id}) instead.
+    detached: bool = False
     deliveries: int = 1
     entry_id: str | None = None  # the transport's handle (a Redis stream entry id)
 
@@ -46,7 +48,8 @@ class Job:
         """Everything but the payload, as JSON-able fields."""
         return {"id": self.id, "model": self.model, "task": self.task, "params": self.params,
                 "deadline_ms": self.deadline_ms, "reply_to": self.reply_to,
-                "request_id": self.request_id, "enqueued_ms": self.enqueued_ms}
+                "request_id": self.request_id, "enqueued_ms": self.enqueued_ms,
+                "detached": self.detached}
 
 
 @dataclass
@@ -77,6 +80,21 @@ class Reply:
         return cls(body=fields.get(b"body"), **meta)
 
 
+def job_record(job: Job) -> dict[str, Any]:
+    """A detached job's record as first written: queued, no progress yet."""
+    return {"id": job.id, "model": job.model, "task": job.task, "status": "queued",
+            "created_ms": job.enqueued_ms, "updated_ms": job.enqueued_ms,
+            "deadline_ms": job.deadline_ms, "progress": {"done": 0, "total": None}}
+
+
+def finished_record(reply: Reply) -> dict[str, Any]:
+    """The fields a detached job's reply sets in its record."""
+    if reply.ok:
+        return {"status": "done", "result": reply.result, "updated_ms": now_ms()}
+    return {"status": "failed", "updated_ms": now_ms(),
+            "error": {"code": reply.error_code, "message": reply.error_message}}
+
+
 @dataclass
 class WorkerInfo:
     """What a live worker announces: who it is and the models it serves (with metadata)."""
@@ -90,9 +108,10 @@ class JobQueue(ABC):
     """The queue contract (docs/design.md §2). The api submits and awaits; workers fetch and
     reply. A reply is written before its job is acknowledged (at-least-once)."""
 
-    def __init__(self, max_queue: int, retry_after_s: int) -> None:
+    def __init__(self, max_queue: int, retry_after_s: int, job_ttl_s: int = 3600) -> None:
         self.max_queue = max_queue
         self.retry_after_s = retry_after_s
+        self.job_ttl_s = job_ttl_s  # how long a detached job's record outlives the job
         self._waiting: dict[str, asyncio.Future[Reply]] = {}
 
     # --- api side ----------------------------------------------------------------------
@@ -115,6 +134,30 @@ class JobQueue(ABC):
             self._waiting.pop(job.id, None)
             raise
         return fut
+
+    async def submit_detached(self, job: Job) -> None:
+        """Enqueue a job nobody waits on: its status, progress and result are kept as a
+        record (`record`) until job_ttl_s after its deadline or its end."""
+        job.detached = True
+        ttl_s = (job.deadline_ms - now_ms()) // 1000 + self.job_ttl_s
+        await self._write_record(job.id, job_record(job), ttl_s)
+        try:
+            await self._enqueue(job)
+        except BaseException:
+            await self._delete_record(job.id)
+            raise
+
+    @abstractmethod
+    async def record(self, job_id: str) -> dict[str, Any] | None:
+        """A detached job's record: status queued | running | done | failed, progress,
+        and its result or error; None when unknown or expired."""
+
+    @abstractmethod
+    async def _write_record(self, job_id: str, fields: dict[str, Any], ttl_s: int) -> None:
+        """Create a record, or set fields of one, and give it ttl_s to live."""
+
+    @abstractmethod
+    async def _delete_record(self, job_id: str) -> None: ...
 
     def overloaded(self, model: str, depth: int) -> Overloaded:
         return Overloaded(f"model '{model}' has {depth} queued jobs (max_queue="
@@ -160,6 +203,15 @@ class JobQueue(ABC):
     async def reply(self, job: Job, reply: Reply) -> None:
         """Deliver a job's reply, then acknowledge the job."""
 
+    async def progress(self, job: Job, done: int, total: int) -> None:
+        """A detached job's progress (items done of total); a no-op for the others."""
+        if job.detached:
+            await self._record_progress(job.id, done, total)
+
+    @abstractmethod
+    async def _record_progress(self, job_id: str, done: int, total: int) -> None:
+        """Mark a record running with this progress, unless it has already ended."""
+
     @abstractmethod
     async def cancelled(self, jobs: list[Job]) -> set[str]:
         """The ids among `jobs` whose clients cancelled them."""
@@ -179,8 +231,9 @@ class JobQueue(ABC):
 class MemoryQueue(JobQueue):
     """In-process queue for embedded mode: api and worker share one event loop."""
 
-    def __init__(self, max_queue: int, retry_after_s: int) -> None:
-        super().__init__(max_queue, retry_after_s)
+    def __init__(self, max_queue: int, retry_after_s: int, job_ttl_s: int = 3600) -> None:
+        super().__init__(max_queue, retry_after_s, job_ttl_s)
+        self._records: dict[str, tuple[dict[str, Any], float]] = {}  # id -> (record, expiry)
         self._jobs: dict[str, deque[Job]] = {}
         self._in_flight: dict[str, int] = {}
         self._arrived: dict[str, asyncio.Event] = {}
@@ -215,7 +268,29 @@ class MemoryQueue(JobQueue):
 
     async def reply(self, job: Job, reply: Reply) -> None:
         self._in_flight[job.model] = max(0, self._in_flight.get(job.model, 0) - 1)
-        self._resolve(reply)
+        if job.detached:
+            await self._write_record(job.id, finished_record(reply), self.job_ttl_s)
+        else:
+            self._resolve(reply)
+
+    async def record(self, job_id: str) -> dict[str, Any] | None:
+        now = time.monotonic()
+        self._records = {k: v for k, v in self._records.items() if v[1] > now}
+        found = self._records.get(job_id)
+        return dict(found[0]) if found else None
+
+    async def _write_record(self, job_id: str, fields: dict[str, Any], ttl_s: int) -> None:
+        old = self._records.get(job_id, ({}, 0.0))[0]
+        self._records[job_id] = ({**old, **fields}, time.monotonic() + ttl_s)
+
+    async def _delete_record(self, job_id: str) -> None:
+        self._records.pop(job_id, None)
+
+    async def _record_progress(self, job_id: str, done: int, total: int) -> None:
+        found = self._records.get(job_id)
+        if found and found[0]["status"] in ("queued", "running"):
+            found[0].update(status="running", progress={"done": done, "total": total},
+                            updated_ms=now_ms())
 
     async def cancel(self, job: Job) -> None:
         self._cancelled[job.id] = job.deadline_ms

@@ -7,6 +7,8 @@
             waiting requests by job id. The stream expires when its api process is gone.
 - leases:   a worker refreshes the idle time of the jobs it holds (XCLAIM JUSTID), so a
             busy worker keeps its jobs and only a dead one's go idle.
+- records:  a detached job (POST ...?async=true) has a hash {prefix}:job:{id}, each field
+            JSON: status, progress, result or error; it expires job_ttl_s after the job.
 - failure:  a job idle longer than the visibility timeout is reclaimed (XAUTOCLAIM) by a
             live worker; past `max_deliveries` it moves to {prefix}:dead:{model} and its
             client gets a JobFailed error.
@@ -25,7 +27,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError, ResponseError
 
 from .errors import JobFailed, Overloaded
-from .queue import Job, JobQueue, Reply, WorkerInfo, now_ms
+from .queue import Job, JobQueue, Reply, WorkerInfo, finished_record, now_ms
 from .settings import Settings
 
 log = logging.getLogger("cvserve.queue")
@@ -48,6 +50,18 @@ end
 return {1, redis.call('XADD', KEYS[1], '*', unpack(ARGV, 2))}
 """
 
+# Progress never overwrites an ended job: a late progress write (another worker's, or one
+# that raced the reply) must not turn "done" back into "running".
+# KEYS: the record; ARGV: status, progress, updated_ms (each JSON).
+_PROGRESS_IF_RUNNING = """
+local status = redis.call('HGET', KEYS[1], 'status')
+if not status or status == '"done"' or status == '"failed"' then
+  return 0
+end
+redis.call('HSET', KEYS[1], 'status', ARGV[1], 'progress', ARGV[2], 'updated_ms', ARGV[3])
+return 1
+"""
+
 
 @dataclass
 class _Held:
@@ -61,7 +75,7 @@ class RedisQueue(JobQueue):
     """The queue over Redis streams; one per process, as the api, a worker, or both."""
 
     def __init__(self, settings: Settings, consumer: str | None = None) -> None:
-        super().__init__(settings.max_queue, settings.retry_after_s)
+        super().__init__(settings.max_queue, settings.retry_after_s, settings.job_ttl_s)
         assert settings.redis_url is not None
         self.s = settings
         self.consumer = consumer or settings.api_id
@@ -70,6 +84,7 @@ class RedisQueue(JobQueue):
                                              health_check_interval=10)
         self.reply_stream = settings.key("replies", settings.api_id)
         self._xadd_if_room = self.redis.register_script(_XADD_IF_ROOM)
+        self._progress_if_running = self.redis.register_script(_PROGRESS_IF_RUNNING)
         self._reader: asyncio.Task[None] | None = None
         self._lease: asyncio.Task[None] | None = None
         self._groups: set[str] = set()
@@ -134,14 +149,16 @@ class RedisQueue(JobQueue):
                              retry_after_s=self.retry_after_s) from exc
 
     async def _enqueue(self, job: Job) -> None:
-        job.reply_to = self.reply_stream
+        job.reply_to = "" if job.detached else self.reply_stream
         fields: dict[str, Any] = {"header": json.dumps(job.header())}
         payload_key = None
         if len(job.payload) <= self.s.inline_payload_bytes:
             fields["payload"] = job.payload
         else:
             payload_key = self.s.key("payload", job.id)
-            await self.redis.set(payload_key, job.payload, ex=self.s.payload_ttl_s)
+            # Kept while the job may still run: a detached job can wait and run for long.
+            ttl_s = max(self.s.payload_ttl_s, (job.deadline_ms - now_ms()) // 1000 + 60)
+            await self.redis.set(payload_key, job.payload, ex=ttl_s)
             fields["payload_key"] = payload_key
         # No MAXLEN: backpressure is the api's 503, jobs are never trimmed away silently.
         args = [self.max_queue, *(x for pair in fields.items() for x in pair)]
@@ -151,6 +168,40 @@ class RedisQueue(JobQueue):
             if payload_key is not None:
                 await self.redis.delete(payload_key)
             raise self.overloaded(job.model, int(depth_or_id))
+
+    async def submit_detached(self, job: Job) -> None:
+        try:
+            await super().submit_detached(job)
+        except RedisError as exc:
+            raise Overloaded(f"the queue (Redis) is unreachable: {exc}",
+                             retry_after_s=self.retry_after_s) from exc
+
+    async def record(self, job_id: str) -> dict[str, Any] | None:
+        try:
+            raw = await self.redis.hgetall(self.s.key("job", job_id))
+        except RedisError as exc:
+            raise Overloaded(f"the queue (Redis) is unreachable: {exc}",
+                             retry_after_s=self.retry_after_s) from exc
+        return {k.decode(): json.loads(v) for k, v in raw.items()} or None
+
+    async def _write_record(self, job_id: str, fields: dict[str, Any], ttl_s: int) -> None:
+        key = self.s.key("job", job_id)
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.hset(key, mapping={k: json.dumps(v) for k, v in fields.items()})
+            pipe.expire(key, max(1, ttl_s))
+            await pipe.execute()
+
+    async def _delete_record(self, job_id: str) -> None:
+        try:
+            await self.redis.delete(self.s.key("job", job_id))
+        except RedisError:  # it expires by itself
+            pass
+
+    async def _record_progress(self, job_id: str, done: int, total: int) -> None:
+        await self._progress_if_running(
+            keys=[self.s.key("job", job_id)],
+            args=[json.dumps("running"), json.dumps({"done": done, "total": total}),
+                  json.dumps(now_ms())])
 
     async def depth(self, model: str) -> int:
         return int(await self.redis.xlen(self.s.key("jobs", model)))
@@ -287,8 +338,11 @@ class RedisQueue(JobQueue):
         await self.redis.xadd(self.s.key("dead", model),
                               {**fields, "reason": reason, "dead_ms": now_ms()})
         err = JobFailed(reason)
-        await self._send(header["reply_to"], Reply(job_id=header["id"], error_code=err.code,
-                                                   error_message=err.message))
+        reply = Reply(job_id=header["id"], error_code=err.code, error_message=err.message)
+        if header.get("detached"):
+            await self._write_record(header["id"], finished_record(reply), self.job_ttl_s)
+        else:
+            await self._send(header["reply_to"], reply)
         await self._ack(stream, entry_id, fields.get(b"payload_key"))
 
     async def _job(self, stream: str, entry_id: bytes, fields: dict[bytes, bytes],
@@ -322,7 +376,11 @@ class RedisQueue(JobQueue):
     async def reply(self, job: Job, reply: Reply) -> None:
         stream = self.s.key("jobs", job.model)
         entry_id = job.entry_id or "0-0"
-        await self._send(job.reply_to, reply)  # written first: at-least-once
+        # Written first: at-least-once.
+        if job.detached:
+            await self._write_record(job.id, finished_record(reply), self.job_ttl_s)
+        else:
+            await self._send(job.reply_to, reply)
         # The payload key as the entry named it: the api's inline limit may differ from ours.
         held = self._held.pop((stream, entry_id), None)
         await self._ack(stream, entry_id, held.payload_key if held else None)

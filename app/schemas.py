@@ -91,9 +91,88 @@ class SegmentResponse(BaseModel):
     timing: Timing
 
 
+class ClassScore(BaseModel):
+    label: str
+    class_id: int
+    score: float = Field(description="Class probability, averaged over the clips")
+
+
+class VideoMeta(BaseModel):
+    """What was decoded: the video as stored (upright) and how it was sampled."""
+
+    duration_s: float
+    fps: float
+    width: int
+    height: int
+    codec: str
+    rotation: int = Field(description="Degrees the frames were turned to stand upright")
+    clips: int
+    clip_len: int = Field(description="Frames per clip")
+    frame_rate: float = Field(description="Frames per second sampled within a clip")
+    frames_sampled: int
+    frames_decoded: int = Field(description="Frames the decoder produced (seeking skips "
+                                            "the rest)")
+    seeks: int
+
+
+class ClipScores(BaseModel):
+    start_s: float
+    end_s: float
+    top: list[ClassScore]
+
+
+class ActionSegment(BaseModel):
+    label: str
+    class_id: int
+    start_s: float
+    end_s: float
+    score: float
+
+
+class VideoTiming(Timing):
+    """Milliseconds; preprocess is the decode and preprocessing of every clip, inference
+    the time of every batch that held one of its clips (they overlap: not a sum)."""
+
+
+class ClassifyVideoResponse(BaseModel):
+    model: str
+    top: list[ClassScore]
+    video: VideoMeta
+    clips: list[ClipScores] | None = Field(None, description="With clips=true: per clip")
+    segments: list[ActionSegment] | None = Field(
+        None, description="With localize=true: actions found, best first, after temporal NMS")
+    timing: VideoTiming
+
+
+class JobProgress(BaseModel):
+    done: int = Field(description="Clips run so far")
+    total: int | None = Field(None, description="Clips planned (known once decoding starts)")
+
+
+class JobAccepted(BaseModel):
+    job_id: str
+    status: str = "queued"
+    status_url: str
+
+
 class ErrorDetail(BaseModel):
     code: str
     message: str
+
+
+class JobStatus(BaseModel):
+    """A detached job: `result` (the endpoint's JSON answer) once `status` is done."""
+
+    id: str
+    model: str
+    task: str
+    status: str = Field(description="queued | running | done | failed")
+    progress: JobProgress
+    created_ms: int
+    updated_ms: int
+    deadline_ms: int
+    result: dict[str, Any] | None = None
+    error: ErrorDetail | None = None
 
 
 class ErrorResponse(BaseModel):

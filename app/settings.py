@@ -44,6 +44,7 @@ class Settings(BaseSettings):
                     "they install offline; checked by sha256 like a download")
     default_detection_model: str | None = None
     default_segmentation_model: str | None = None
+    default_video_model: str | None = None
     auto_build_default: bool = Field(
         default=True, description="Build a detector when none exists (and a segmenter on a "
                                   "first start); pretrained when online, else random")
@@ -62,6 +63,16 @@ class Settings(BaseSettings):
     image_pixels: int = 40_000_000
     request_timeout_s: float = 30.0
     max_request_timeout_s: float = 300.0
+    # Videos (/classify-video): their own upload limit, and what a request may make us decode.
+    video_upload_bytes: int = 200 * 1024 * 1024
+    video_max_duration_s: float = 3 * 3600.0
+    video_max_pixels: int = 3840 * 2160
+    video_max_frames_decoded: int = 50_000
+    async_video_duration_s: float = Field(
+        default=120.0, description="Videos longer than this run as jobs (202 + GET /jobs/{id}) "
+                                   "even without async=true")
+    async_job_timeout_s: float = Field(
+        default=3600.0, gt=0, description="Deadline of a detached (async) job")
 
     # --- queue -------------------------------------------------------------------------
     max_queue: int = Field(default=256, description="Jobs queued per model before 503")
@@ -74,6 +85,9 @@ class Settings(BaseSettings):
     payload_ttl_s: int = 600
     heartbeat_s: float = 2.0
     reply_stream_ttl_s: int = 600
+    job_ttl_s: int = Field(
+        default=3600, ge=1, description="How long a detached (async) job's status and "
+                                        "result stay readable at GET /jobs/{id} after it ends")
 
     # --- worker ------------------------------------------------------------------------
     decode_threads: int = Field(

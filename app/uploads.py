@@ -11,12 +11,11 @@ from starlette.requests import Request
 from .errors import InputError, PayloadTooLarge
 
 
-async def read_body(request: Request, limit: int) -> bytes:
-    """The request body, refused with 413 as soon as it passes `limit` bytes."""
+async def read_body(request: Request, limit: int, setting: str = "CVSERVE_UPLOAD_BYTES") -> bytes:
+    """The request body, refused with 413 as soon as it passes `limit` bytes (`setting`)."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise PayloadTooLarge(f"upload is {declared} bytes; the limit is {limit} "
-                              "(CVSERVE_UPLOAD_BYTES)")
+        raise PayloadTooLarge(f"upload is {declared} bytes; the limit is {limit} ({setting})")
     chunks, size = [], 0
     async for chunk in request.stream():
         size += len(chunk)
@@ -27,9 +26,10 @@ async def read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-async def read_upload(request: Request, limit: int) -> tuple[bytes, dict[str, str]]:
+async def read_upload(request: Request, limit: int, setting: str = "CVSERVE_UPLOAD_BYTES",
+                      ) -> tuple[bytes, dict[str, str]]:
     """The uploaded file's bytes and any form fields (which act like query parameters)."""
-    body = await read_body(request, limit)
+    body = await read_body(request, limit, setting)
     content_type = request.headers.get("content-type", "")
     if not content_type.startswith("multipart/form-data"):
         return body, {}
@@ -52,5 +52,6 @@ async def read_upload(request: Request, limit: int) -> tuple[bytes, dict[str, st
         else:
             fields[key] = value
     if data is None:
-        raise InputError("multipart body has no `file` part; send the image as `file`")
+        raise InputError("multipart body has no `file` part; send the image or video as "
+                         "`file`")
     return data, fields

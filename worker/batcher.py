@@ -8,6 +8,11 @@
 
 The next jobs are decoded while the model runs the current batch, so CPU work and model
 work overlap instead of taking turns.
+
+A streaming task's job (a video) is many items (its clips): the job is opened on the pool,
+then its clips are decoded one at a time, round-robin over the open jobs, only while the
+runner holds fewer than `capacity` items; they batch with any other job's clips, and the
+job is answered once its last clip has run.
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ from cvserve.app.queue import Job, JobQueue, Reply, now_ms
 
 from . import metrics
 from .policy import BatchPolicy
-from .task import Prepared, Task
+from .task import Prepared, Stream, StreamingTask, Task
 
 log = logging.getLogger("cvserve.batcher")
 
@@ -68,6 +73,9 @@ class ModelRunner:
         self.model_thread = ThreadPoolExecutor(self.instances,
                                                thread_name_prefix=f"model-{self.name}")
         self.ready: deque[Prepared] = deque()  # oldest first
+        self.streaming = isinstance(task, StreamingTask)
+        self.streams: deque[Stream] = deque()  # open jobs with items left to prepare
+        self.decoding = 0  # jobs opened and not yet exhausted (streaming tasks)
         self._readied = asyncio.Event()
         self._preparing = 0
         self._room = asyncio.Event()
@@ -91,10 +99,16 @@ class ModelRunner:
     def _held(self) -> int:
         return self._preparing + len(self.ready)
 
+    def _job_room(self) -> int:
+        room = self.capacity - self._held()
+        if self.streaming:  # each open job decodes one item at a time
+            room = min(room, self.capacity - self.decoding)
+        return room
+
     async def _intake(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            room = self.capacity - self._held()
+            room = self._job_room()
             if room <= 0:
                 self._room.clear()
                 await self._room.wait()
@@ -110,6 +124,9 @@ class ModelRunner:
             for job in jobs:
                 if job.expired:
                     self._reply_error(job, self._expired(job))
+                    continue
+                if self.streaming:
+                    self._open(job)
                     continue
                 self._preparing += 1
                 fut = loop.run_in_executor(self.pool, self.task.timed_prepare, job)
@@ -131,6 +148,147 @@ class ModelRunner:
             exc = UnsupportedMedia(f"could not decode or preprocess the input: {exc}")
         self._reply_error(job, exc)
         self._room.set()
+
+    # --- streaming tasks: open a job, then prepare its items as room allows -----------
+    def _open(self, job: Job) -> None:
+        assert isinstance(self.task, StreamingTask)
+        self._preparing += 1
+        self.decoding += 1
+        opened_ms = now_ms()
+        fut = asyncio.get_running_loop().run_in_executor(self.pool, self._timed_open, job)
+        fut.add_done_callback(lambda f: self._opened(job, opened_ms, f))
+
+    def _timed_open(self, job: Job) -> Stream:
+        t0 = time.perf_counter()
+        stream = self.task.open(job)  # type: ignore[attr-defined]
+        stream.timing_ms["preprocess"] = (time.perf_counter() - t0) * 1000
+        return stream
+
+    def _opened(self, job: Job, opened_ms: int, fut: asyncio.Future[Stream]) -> None:
+        self._preparing -= 1
+        if fut.cancelled():
+            return
+        exc = fut.exception()
+        if exc is not None:
+            self.decoding -= 1
+            self._fail_job(job, exc, "opening the input")
+            self._room.set()
+            return
+        stream = fut.result()
+        stream.timing_ms["queue"] = max(0.0, opened_ms - job.enqueued_ms)
+        if stream.exhausted:  # nothing to run (no items): answer at once
+            self.decoding -= 1
+            self._spawn(self._finish_stream(stream))
+            return
+        self.streams.append(stream)
+        self._feed()
+
+    def _feed(self) -> None:
+        """Start preparing the next item of open jobs, round-robin, while there is room."""
+        loop = asyncio.get_running_loop()
+        for _ in range(len(self.streams)):
+            if self._held() >= self.capacity:
+                return
+            stream = self.streams.popleft()
+            if stream.failed:  # answered while it waited here
+                self.decoding -= 1
+                self._room.set()
+                continue
+            stream.busy = True
+            self._preparing += 1
+            fut = loop.run_in_executor(self.pool, self._timed_advance, stream)
+            fut.add_done_callback(lambda f, stream=stream: self._advanced(stream, f))
+
+    def _timed_advance(self, stream: Stream) -> Prepared:
+        t0 = time.perf_counter()
+        item = self.task.advance(stream)  # type: ignore[attr-defined]
+        item.timing_ms["preprocess"] = (time.perf_counter() - t0) * 1000
+        return item
+
+    def _advanced(self, stream: Stream, fut: asyncio.Future[Prepared]) -> None:
+        self._preparing -= 1
+        stream.busy = False
+        if fut.cancelled():
+            return
+        exc = fut.exception()
+        if exc is not None:
+            self._fail_stream(stream, exc, "decoding a clip")
+        elif not stream.failed:
+            item = fut.result()
+            stream.timing_ms["preprocess"] += item.timing_ms["preprocess"]
+            metrics.INPUT_SECONDS.labels(self.name).observe(item.timing_ms["preprocess"] / 1000)
+            self.ready.append(item)
+            self._readied.set()
+        if stream.failed or stream.exhausted:
+            self.decoding -= 1
+            self._room.set()
+        else:
+            self.streams.append(stream)
+        self._feed()
+
+    def _fail_job(self, job: Job, exc: BaseException, stage: str) -> None:
+        if not isinstance(exc, CvserveError):
+            log.warning("%s: job %s failed %s: %r", self.name, job.id, stage, exc)
+            exc = UnsupportedMedia(f"could not decode or preprocess the input: {exc}")
+        self._reply_error(job, exc)
+
+    def _fail_stream(self, stream: Stream, exc: BaseException, stage: str) -> None:
+        """Answer a multi-item job's error once; its other items are dropped as they come."""
+        if stream.failed:
+            return
+        stream.failed = True
+        self._fail_job(stream.job, exc, stage)
+
+    def _fail_item(self, item: Prepared, exc: CvserveError) -> None:
+        if item.stream is not None:
+            self._fail_stream(item.stream, exc, "")
+        else:
+            self._reply_error(item.job, exc)
+
+    def _collect(self, items: list[Prepared], outputs: list[Any], infer_s: float) -> None:
+        """Outputs of streamed items go back to their jobs; a job done is answered."""
+        touched: dict[int, Stream] = {}
+        for item, output in zip(items, outputs, strict=True):
+            stream = item.stream
+            assert stream is not None
+            if stream.failed:
+                continue
+            stream.outputs[item.index] = output
+            stream.collected += 1
+            touched[id(stream)] = stream
+        for stream in touched.values():
+            stream.timing_ms["inference"] = stream.timing_ms.get("inference", 0.0) + infer_s * 1000
+            if stream.complete:
+                self._spawn(self._finish_stream(stream))
+            else:
+                self._spawn(self._progress(stream))
+
+    async def _progress(self, stream: Stream) -> None:
+        try:
+            await self.queue.progress(stream.job, stream.collected, stream.total)
+        except Exception as exc:  # progress is advisory; the answer still comes
+            log.warning("%s: could not record progress of job %s: %s", self.name,
+                        stream.job.id, exc)
+
+    async def _finish_stream(self, stream: Stream) -> None:
+        loop = asyncio.get_running_loop()
+        job = stream.job
+        t0 = time.perf_counter()
+        try:
+            result, body = await loop.run_in_executor(
+                self.pool, self.task.finish_stream, stream)  # type: ignore[attr-defined]
+        except Exception as exc:
+            log.error("%s: postprocess failed for job %s: %r", self.name, job.id, exc)
+            err = exc if isinstance(exc, CvserveError) else BackendError(
+                f"postprocessing failed: {exc}")
+            self._reply_error(job, err)
+            return
+        stream.timing_ms["postprocess"] = (time.perf_counter() - t0) * 1000
+        metrics.OUTPUT_SECONDS.labels(self.name).observe(stream.timing_ms["postprocess"] / 1000)
+        metrics.QUEUE_SECONDS.labels(self.name).observe(stream.timing_ms["queue"] / 1000)
+        result["timing"] = {k: round(v, 2) for k, v in stream.timing_ms.items()}
+        metrics.REQUEST_SUCCESS.labels(self.name).inc()
+        await self._send(job, Reply(job.id, result=result, body=body))
 
     # --- execute -----------------------------------------------------------------------
     async def _next_batch(self) -> list[Prepared]:
@@ -155,11 +313,15 @@ class ModelRunner:
                     break
                 self._take(batch, key)
         self._room.set()
+        if self.streaming:
+            self._feed()
         live = []
         for item in batch:
+            if item.stream is not None and item.stream.failed:
+                continue
             if item.job.expired:
                 metrics.CANCELLED.labels(self.name, "deadline").inc()
-                self._reply_error(item.job, self._expired(item.job))
+                self._fail_item(item, self._expired(item.job))
             else:
                 live.append(item)
         return await self._drop_cancelled(live)
@@ -174,11 +336,13 @@ class ModelRunner:
         if not gone:
             return batch
         for item in batch:
-            if item.job.id in gone:
-                log.info("%s: job %s dropped: its client disconnected", self.name,
-                         item.job.id)
-                metrics.CANCELLED.labels(self.name, "client_disconnected").inc()
-                self._spawn(self._drop(item.job))
+            if item.job.id not in gone or (item.stream is not None and item.stream.failed):
+                continue
+            if item.stream is not None:  # the job's other items are dropped as they come
+                item.stream.failed = True
+            log.info("%s: job %s dropped: its client disconnected", self.name, item.job.id)
+            metrics.CANCELLED.labels(self.name, "client_disconnected").inc()
+            self._spawn(self._drop(item.job))
         return [item for item in batch if item.job.id not in gone]
 
     async def _drop(self, job: Job) -> None:
@@ -238,6 +402,9 @@ class ModelRunner:
             self._running -= 1
         infer_s = time.perf_counter() - t0
         self._count_batch(len(batch), infer_s)
+        if self.streaming:
+            self._collect(batch, outputs, infer_s)
+            return
         for item, output in zip(batch, outputs, strict=True):
             item.timing_ms["queue"] = max(
                 0.0, start_ms - item.job.enqueued_ms - item.timing_ms["preprocess"])
@@ -262,8 +429,7 @@ class ModelRunner:
         loop = asyncio.get_running_loop()
         if len(batch) == 1:
             log.error("%s: job %s failed in the model: %r", self.name, batch[0].job.id, exc)
-            self._reply_error(batch[0].job, BackendError(f"the model failed on this input: "
-                                                         f"{exc}"))
+            self._fail_item(batch[0], BackendError(f"the model failed on this input: {exc}"))
             return
         for item in batch:
             t0 = time.perf_counter()
@@ -273,6 +439,9 @@ class ModelRunner:
                 await self._isolate([item], one_exc)
                 continue
             self._count_batch(1, time.perf_counter() - t0)
+            if item.stream is not None:
+                self._collect([item], [output], time.perf_counter() - t0)
+                continue
             item.timing_ms["queue"] = 0.0
             item.timing_ms["inference"] = (time.perf_counter() - t0) * 1000
             self._spawn(self._finish(item, output))

@@ -65,16 +65,17 @@ class Geometry:
 
 
 def resize_uint8(image: torch.Tensor, hw: tuple[int, int], antialias: bool) -> torch.Tensor:
-    """# [3, h, w] uint8 -> [3, H, W] uint8, bilinear, half-pixel centres.
+    """# [3, h, w] or [N, 3, h, w] uint8 -> [(N,) 3, H, W] uint8, bilinear, half-pixel centres.
 
     Without antialiasing this is OpenCV's INTER_LINEAR (what YOLO exporters preprocess
     with); with it, Pillow's / torchvision's bilinear. Rounded back to uint8 as both do.
     """
     if tuple(image.shape[-2:]) == tuple(hw):
         return image
-    x = F.interpolate(image[None].float(), size=hw, mode="bilinear", align_corners=False,
-                      antialias=antialias)[0]
-    return x.round_().clamp_(0, 255).to(torch.uint8)
+    x = image.float() if image.ndim == 4 else image[None].float()
+    x = F.interpolate(x, size=hw, mode="bilinear", align_corners=False, antialias=antialias)
+    x = x.round_().clamp_(0, 255).to(torch.uint8)
+    return x if image.ndim == 4 else x[0]
 
 
 def fit(image_hw: tuple[int, int], spec: InputSpec) -> tuple[tuple[int, int], Geometry]:
@@ -111,25 +112,33 @@ def fit(image_hw: tuple[int, int], spec: InputSpec) -> tuple[tuple[int, int], Ge
 
 def preprocess(image: torch.Tensor, spec: InputSpec) -> tuple[np.ndarray, Geometry]:
     """# [3, h, w] uint8 RGB -> model input [3, H, W] (NCHW) or [H, W, 3] (NHWC), Geometry"""
-    resized_hw, geo = fit(tuple(image.shape[-2:]), spec)
-    resized = resize_uint8(image, resized_hw, spec.antialias)
+    x, geo = preprocess_frames(image[None], spec)
+    return x[0], geo
+
+
+def preprocess_frames(frames: torch.Tensor, spec: InputSpec) -> tuple[np.ndarray, Geometry]:
+    """# [N, 3, h, w] uint8 RGB frames of one size -> [N, 3, H, W] (NCHW) or [N, H, W, 3]
+    (NHWC) model input, and the Geometry they share."""
+    resized_hw, geo = fit(tuple(frames.shape[-2:]), spec)
+    resized = resize_uint8(frames, resized_hw, spec.antialias)
+    n = frames.shape[0]
     in_h, in_w = geo.input_hw
     if spec.resize == "letterbox":
-        canvas = torch.full((3, in_h, in_w), float(spec.pad_value), dtype=torch.float32)
+        canvas = torch.full((n, 3, in_h, in_w), float(spec.pad_value), dtype=torch.float32)
         ox, oy = int(geo.offset_xy[0]), int(geo.offset_xy[1])
-        canvas[:, oy:oy + resized_hw[0], ox:ox + resized_hw[1]] = resized
+        canvas[:, :, oy:oy + resized_hw[0], ox:ox + resized_hw[1]] = resized
         x = canvas
     elif spec.resize == "center-crop":
         top, left = int(-geo.offset_xy[1]), int(-geo.offset_xy[0])
-        x = resized[:, top:top + in_h, left:left + in_w].float()
+        x = resized[:, :, top:top + in_h, left:left + in_w].float()
     else:
         x = resized.float()
     if spec.color == "BGR":
-        x = x.flip(0)
+        x = x.flip(1)
     if spec.dtype != "uint8":
         mean = torch.tensor(spec.mean, dtype=torch.float32)[:, None, None]
         std = torch.tensor(spec.std, dtype=torch.float32)[:, None, None]
         x = (x * spec.scale - mean) / std
     if spec.layout == "NHWC":
-        x = x.permute(1, 2, 0)
+        x = x.permute(0, 2, 3, 1)
     return x.contiguous().numpy().astype(spec.dtype, copy=False), geo

@@ -20,12 +20,15 @@ from .policy import warm_up
 from .repository import ModelConfig, ModelRepository, load_config
 from .segmentation import SemanticTask
 from .task import Task
+from .video_classification import VideoTask
 
 log = logging.getLogger("cvserve.worker")
 
 TASKS: dict[str, type[Task]] = {"detection": DetectionTask,
                                 "instance-segmentation": DetectionTask,
-                                "semantic-segmentation": SemanticTask}
+                                "semantic-segmentation": SemanticTask,
+                                "video-classification": VideoTask,
+                                "temporal-localization": VideoTask}
 # What a fresh install serves for /segment (the smallest torchvision segmenter: 3.2 M
 # parameters), pretrained when it downloads.
 DEFAULT_SEGMENTER = "lraspp_mobilenet_v3_large"

@@ -23,6 +23,8 @@ class Prepared:
     inputs: Any
     meta: dict[str, Any]
     timing_ms: dict[str, float] = field(default_factory=dict)
+    stream: Stream | None = None  # the multi-item job this is one item of (a video's clip)
+    index: int = 0  # its place in the stream
 
 
 class Task(ABC):
@@ -70,3 +72,54 @@ class Task(ABC):
     @abstractmethod
     def finish(self, item: Prepared, output: Any) -> tuple[dict[str, Any], bytes | None]:
         """Postprocess one item's output into the JSON result (and a PNG when asked)."""
+
+
+@dataclass
+class Stream:
+    """A job whose work is many batch items (a video's clips), prepared one at a time so
+    that only a few are held at once, and gathered back in order for `finish_stream`."""
+
+    job: Job
+    total: int  # items the job makes
+    meta: dict[str, Any]  # what the task keeps between items (a decoder, the plan)
+    produced: int = 0  # items prepared so far
+    outputs: list[Any] = field(default_factory=list)  # by item index, None until run
+    collected: int = 0  # items whose output came back
+    failed: bool = False  # answered with an error: its other items are dropped
+    busy: bool = False  # an item is being prepared (one at a time: the decoder is stateful)
+    timing_ms: dict[str, float] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.outputs = [None] * self.total
+
+    @property
+    def exhausted(self) -> bool:
+        return self.produced >= self.total
+
+    @property
+    def complete(self) -> bool:
+        return self.collected >= self.total
+
+
+class StreamingTask(Task):
+    """A task whose job is many items: `open` plans them, `advance` prepares the next one
+    (both on the decode pool), and `finish_stream` answers once all have run."""
+
+    @abstractmethod
+    def open(self, job: Job) -> Stream:
+        """Check the input and plan its items; raises the job's 4xx errors."""
+
+    @abstractmethod
+    def advance(self, stream: Stream) -> Prepared:
+        """Decode and preprocess the stream's next item (`stream.produced` counts it)."""
+
+    @abstractmethod
+    def finish_stream(self, stream: Stream) -> tuple[dict[str, Any], bytes | None]:
+        """Postprocess all of a stream's outputs into the job's result."""
+
+    def prepare(self, job: Job) -> Prepared:
+        """The first item of a job: what the warm-up and the batch measurement run."""
+        return self.advance(self.open(job))
+
+    def finish(self, item: Prepared, output: Any) -> tuple[dict[str, Any], bytes | None]:
+        raise TypeError("a streaming task answers through finish_stream")

@@ -8,8 +8,8 @@ are held at a time.
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
-import io
 import math
 from collections.abc import Iterator
 
@@ -17,38 +17,28 @@ import av
 import numpy as np
 
 from cvserve.app.errors import InputError, PayloadTooLarge, UnsupportedMedia
+from cvserve.app.media import (
+    DECODE_ERRORS,
+    VideoInfo,
+    VideoLimits,
+    normal_rotation,
+    open_video,
+    probe_video,
+)
 
-# Seek rather than decode forward when the next clip starts this far past the position.
+__all__ = ["DecodeStats", "VideoInfo", "VideoLimits", "clip_starts", "probe_video",
+           "read_clips", "sampling_rate", "upright"]
+
+# Without a keyframe index (a container whose packets carry no keyframe flag), seek
+# rather than decode forward when the next clip starts this far past the position.
 SEEK_AHEAD_S = 2.0
+# With one, seek when a keyframe lies between the position and the next clip, at least
+# this far ahead (a seek that skips less than this saves less than it costs).
+MIN_SKIP_S = 0.25
 # A clip starting this far past the last frame that decodes means the file is cut short.
 END_SLACK_S = 1.0
 # Dense windows: more clips than this is a parameter error, not a workload.
 MAX_CLIPS = 1000
-# Video decode errors all derive from FFmpegError; a few surface as plain OSError/ValueError.
-_DECODE_ERRORS = (av.FFmpegError, OSError, ValueError, EOFError)
-
-
-@dataclasses.dataclass(frozen=True)
-class VideoLimits:
-    """Per-request video limits; each error message names the field to raise."""
-
-    max_bytes: int = 200 * 1024 * 1024
-    max_duration_s: float = 1800.0
-    max_pixels: int = 3840 * 2160  # width * height of the stored frame
-    max_frames_decoded: int = 20_000  # per request, over all clips
-
-
-@dataclasses.dataclass(frozen=True)
-class VideoInfo:
-    """What a probe learns about the first video stream."""
-
-    duration_s: float
-    fps: float  # average frame rate
-    width: int  # upright, after rotation
-    height: int  # upright, after rotation
-    rotation: int  # degrees counter-clockwise a viewer rotates the stored frame: 0/90/180/270
-    codec: str
-    frames: int | None  # frame count the container declares, if it does
 
 
 @dataclasses.dataclass
@@ -65,80 +55,6 @@ def upright(rgb: np.ndarray, rotation: int) -> np.ndarray:
     of 90, as `VideoFrame.rotation` reports it) to what a viewer shows # [H', W', 3]."""
     k = round(rotation / 90) % 4
     return np.ascontiguousarray(np.rot90(rgb, k=k)) if k else rgb
-
-
-def _normal_rotation(degrees: float) -> int:
-    return (round(degrees / 90) % 4) * 90
-
-
-def _open(data: bytes) -> av.container.InputContainer:
-    try:
-        return av.open(io.BytesIO(data), mode="r")
-    except _DECODE_ERRORS as exc:
-        raise UnsupportedMedia(f"not a video container we can read ({len(data)} bytes): "
-                               f"{exc}") from exc
-
-
-def probe_video(data: bytes, limits: VideoLimits) -> VideoInfo:
-    """Check an upload is a decodable video within `limits`; decodes only its first frame.
-
-    415 for not-a-video, audio-only, still images and corrupt or truncated files; 413 over
-    max_bytes, max_duration_s or max_pixels.
-    """
-    if len(data) > limits.max_bytes:
-        raise PayloadTooLarge(f"video upload is {len(data)} bytes, over the limit of "
-                              f"{limits.max_bytes} (max_bytes)")
-    with _open(data) as container:
-        fmt = container.format.name
-        if not container.streams.video:
-            found = ", ".join(
-                f"{s.type} ({s.codec_context.name if s.codec_context else 'unknown codec'})"
-                for s in container.streams) or "no streams"
-            if container.streams.audio:
-                raise UnsupportedMedia(f"an audio-only file ({fmt}: {found}); expected a "
-                                       "video stream")
-            raise UnsupportedMedia(f"no video stream in this {fmt} file ({found}): not a "
-                                   "video, or a truncated or corrupt one")
-        # FFmpeg opens a still image as a one-frame video with its image2 / *_pipe demuxers.
-        if fmt == "image2" or fmt.endswith("_pipe"):
-            raise UnsupportedMedia(f"a still image ({fmt}), not a video; send it to an "
-                                   "image endpoint")
-        stream = container.streams.video[0]
-        codec = stream.codec_context.name
-        width, height = stream.codec_context.width, stream.codec_context.height
-        if width * height > limits.max_pixels:
-            raise PayloadTooLarge(f"video frames are {width}x{height} = {width * height} "
-                                  f"pixels, over the limit of {limits.max_pixels} (max_pixels)")
-        if stream.duration is not None and stream.time_base is not None:
-            duration_s = float(stream.duration * stream.time_base)
-        elif container.duration is not None:
-            duration_s = container.duration / av.time_base
-        else:
-            raise UnsupportedMedia(f"the {codec} video in {fmt} declares no duration")
-        if duration_s > limits.max_duration_s:
-            raise PayloadTooLarge(f"video lasts {duration_s:.1f} s, over the limit of "
-                                  f"{limits.max_duration_s:g} s (max_duration_s)")
-        try:
-            first = next(container.decode(stream), None)
-        except _DECODE_ERRORS as exc:
-            raise UnsupportedMedia(f"could not decode the {codec} video in {fmt}: "
-                                   f"{exc}") from exc
-        if first is None:
-            raise UnsupportedMedia(f"the {codec} video in {fmt} has no decodable frame "
-                                   "(truncated or corrupt)")
-        rotation = _normal_rotation(first.rotation)
-        frames = stream.frames or None
-        # guessed_rate (the smallest frame interval) is a last resort: wrong for VFR.
-        if stream.average_rate:
-            fps = float(stream.average_rate)
-        elif frames and duration_s > 0:
-            fps = frames / duration_s
-        else:
-            fps = float(stream.guessed_rate or 0.0)
-    if rotation in (90, 270):
-        width, height = height, width
-    return VideoInfo(duration_s=duration_s, fps=fps, width=width, height=height,
-                     rotation=rotation, codec=codec, frames=frames)
 
 
 def sampling_rate(info: VideoInfo, frame_rate: float | None = None,
@@ -165,7 +81,8 @@ def clip_starts(info: VideoInfo, clip_len: int, frame_rate: float,
     """Start times (s, from the start of the video) of clips spanning clip_len / frame_rate s.
 
     `num_clips` spreads clips uniformly, the first at 0 and the last ending at the end
-    (one clip is centred); `clip_stride_s` places a window every clip_stride_s seconds.
+    (one clip is centred); `clip_stride_s` places a window every clip_stride_s seconds,
+    each start rounded to the nearest sampled frame (1 / frame_rate).
     Starts are clamped so a clip fits when the video is long enough; a video shorter than
     one clip gets a single clip at 0.
     """
@@ -194,7 +111,9 @@ def clip_starts(info: VideoInfo, clip_len: int, frame_rate: float,
     if count > MAX_CLIPS:
         raise InputError(f"clip_stride_s={clip_stride_s:g} gives {count} clips over "
                          f"{info.duration_s:.1f} s, over {MAX_CLIPS}; use a larger stride")
-    return [i * clip_stride_s for i in range(count)]
+    # On the sampling grid (a whole number of sampled frames apart), overlapping windows
+    # sample the same frames, and read_clips decodes them once.
+    return [round(i * clip_stride_s * frame_rate) / frame_rate for i in range(count)]
 
 
 def read_clips(data: bytes, starts: list[float], clip_len: int, frame_rate: float,
@@ -203,24 +122,27 @@ def read_clips(data: bytes, starts: list[float], clip_len: int, frame_rate: floa
 
     Frame i of a clip is the frame shown at t = start + i / frame_rate: the last decoded
     frame with pts_time <= t (the first frame, for t before it). A clip running past the
-    last frame repeats the last frame. The reader seeks to the keyframe before a clip that
-    starts more than SEEK_AHEAD_S past the position, or before it. A truncated or corrupt
+    last frame repeats the last frame. Starts are taken in order; frames a clip shares
+    with the one before (overlapping windows on the same sampling grid) are reused, not
+    decoded again; the reader seeks only where a keyframe lies between its position and
+    the next clip (or back, to a clip before what it still holds). A truncated or corrupt
     stream ends where decoding stops (`stats.truncated` when on an error): clips within
     what decoded still yield; a clip starting more than END_SLACK_S past the last frame
     that decodes raises 415. Over max_frames_decoded raises 413.
     Call `probe_video` first; `stats` (if given) counts frames decoded and seeks.
     """
     stats = stats if stats is not None else DecodeStats()
-    with _open(data) as container:
+    keyframes = keyframe_times(data)
+    with open_video(data) as container:
         if not container.streams.video:
             raise UnsupportedMedia("no video stream to read clips from")
         stream = container.streams.video[0]
         time_base = stream.time_base
         origin = float(stream.start_time * time_base) if stream.start_time is not None else 0.0
-        reader = _FrameCursor(container, stream, limits, stats)
-        for start in starts:
+        reader = _FrameCursor(container, stream, limits, stats, keyframes)
+        for k, start in enumerate(starts):
             times = [origin + start + i / frame_rate for i in range(clip_len)]
-            if reader.needs_seek(times[0]):
+            if reader.needs_seek(times):
                 reader.seek(times[0])
             clip: np.ndarray | None = None
             for i, t in enumerate(times):
@@ -232,17 +154,36 @@ def read_clips(data: bytes, starts: list[float], clip_len: int, frame_rate: floa
                     clip = np.empty((clip_len, *rgb.shape), dtype=np.uint8)
                 clip[i] = rgb
             assert clip is not None
+            if k + 1 < len(starts):
+                reader.forget_before(origin + starts[k + 1])
             yield clip
         reader.close()
 
 
+def keyframe_times(data: bytes) -> list[float]:
+    """Presentation times (s) of the video stream's keyframes, ascending, from a demux pass
+    over the packets (no decoding); empty when the container flags none."""
+    times = []
+    try:
+        with open_video(data) as container:
+            stream = container.streams.video[0]
+            for packet in container.demux(stream):
+                if packet.is_keyframe and packet.pts is not None:
+                    times.append(float(packet.pts * stream.time_base))
+    except (*DECODE_ERRORS, IndexError):
+        pass  # a damaged tail: the keyframes before it still help
+    return sorted(times)
+
+
 class _FrameCursor:
-    """Forward-only view of the decoded frames: the current (shown) frame and one ahead."""
+    """A forward view of the decoded frames (the shown one and one ahead), plus the RGB
+    frames the current clip sampled, which an overlapping next clip reuses."""
 
     def __init__(self, container: av.container.InputContainer, stream: av.VideoStream,
-                 limits: VideoLimits, stats: DecodeStats) -> None:
+                 limits: VideoLimits, stats: DecodeStats, keyframes: list[float]) -> None:
         self._container, self._stream = container, stream
         self._limits, self._stats = limits, stats
+        self._keyframes = keyframes
         self._frames: Iterator[av.VideoFrame] | None = None
         self._current: tuple[float, av.VideoFrame] | None = None
         self._current_rgb: np.ndarray | None = None
@@ -250,14 +191,38 @@ class _FrameCursor:
         self._ended = False
         self._size: tuple[int, int] | None = None  # stored (width, height) of the first frame
         self._last_time = 0.0
+        self._shown: list[float] = []  # pts of the frames decoded since the last seek/forget
+        self._sampled: dict[float, np.ndarray] = {}  # pts -> RGB of frames clips used
 
-    def needs_seek(self, t: float) -> bool:
-        if self._frames is None:
-            return t > SEEK_AHEAD_S
-        position = self._current[0] if self._current is not None else None
-        if position is not None and t < position:
-            return True  # behind us: the cursor only moves forward
-        return t > (position if position is not None else 0.0) + SEEK_AHEAD_S
+    def _position(self) -> float | None:
+        return self._current[0] if self._current is not None else None
+
+    def needs_seek(self, times: list[float]) -> bool:
+        """Whether to seek before reading a clip sampled at `times`."""
+        position = self._position()
+        if position is not None and times[0] < position:
+            # Behind us: fine if every frame needed there is one a clip already sampled.
+            return any(self._replay(t) is None for t in times if t < position)
+        t = times[0]
+        if not self._keyframes:
+            return t > (position or 0.0) + SEEK_AHEAD_S
+        # Nothing decoded yet: decoding would start at the first keyframe.
+        here = position if position is not None else self._keyframes[0]
+        i = bisect.bisect_right(self._keyframes, t) - 1  # the keyframe a seek lands on
+        return i >= 0 and self._keyframes[i] > here + MIN_SKIP_S
+
+    def _replay(self, t: float) -> np.ndarray | None:
+        """The frame shown at t, if it is one this cursor sampled and still holds."""
+        i = bisect.bisect_right(self._shown, t + 1e-6) - 1
+        return self._sampled.get(self._shown[i]) if i >= 0 else None
+
+    def forget_before(self, t: float) -> None:
+        """Let go of sampled frames no clip starting at t or later can show."""
+        i = bisect.bisect_right(self._shown, t + 1e-6) - 1
+        if i > 0:
+            keep_from = self._shown[i]
+            del self._shown[:i]
+            self._sampled = {pts: rgb for pts, rgb in self._sampled.items() if pts >= keep_from}
 
     def ended_before(self, t: float) -> bool:
         """Whether decoding reached the end and its last frame is before time t."""
@@ -272,6 +237,8 @@ class _FrameCursor:
         self._current = self._ahead = None
         self._current_rgb = None
         self._ended = False
+        self._shown.clear()
+        self._sampled.clear()
 
     def close(self) -> None:
         if self._frames is not None:
@@ -284,7 +251,7 @@ class _FrameCursor:
             self._frames = self._container.decode(self._stream)
         try:
             frame = next(self._frames, None)
-        except _DECODE_ERRORS:
+        except DECODE_ERRORS:
             frame = None
             self._stats.truncated = True
         if frame is None:
@@ -298,11 +265,18 @@ class _FrameCursor:
         # A frame without a pts (rare, some AVI) is taken to follow the one before it.
         t = float(frame.time) if frame.time is not None else self._last_time
         self._last_time = t
+        self._shown.append(t)
         return t, frame
 
     def frame_at(self, t: float) -> np.ndarray:
         """The upright RGB frame shown at time t # [H, W, 3] uint8."""
         eps = 1e-6
+        position = self._position()
+        if position is not None and t < position - eps:
+            replay = self._replay(t)
+            if replay is None:  # needs_seek said the clip replays; a caller broke that
+                raise RuntimeError(f"frame at {t:.3f} s is behind the cursor and not held")
+            return replay
         while True:
             if self._ahead is None:
                 self._ahead = self._next()
@@ -320,6 +294,7 @@ class _FrameCursor:
                                    "(truncated or corrupt)")
         if self._current_rgb is None:
             self._current_rgb = self._to_rgb(self._current[1])
+            self._sampled[self._current[0]] = self._current_rgb
         return self._current_rgb
 
     def _to_rgb(self, frame: av.VideoFrame) -> np.ndarray:
@@ -327,4 +302,4 @@ class _FrameCursor:
             self._size = (frame.width, frame.height)
         width, height = self._size  # a mid-stream size change is scaled back to the first
         rgb = frame.to_ndarray(format="rgb24", width=width, height=height)
-        return upright(rgb, _normal_rotation(frame.rotation))
+        return upright(rgb, normal_rotation(frame.rotation))

@@ -1,0 +1,194 @@
+"""Video classification and temporal action localization (/classify-video).
+
+The lecture's "train on clips, test by averaging clips": a video is sampled into clips of
+`clip_len` frames at `frame_rate` fps (by timestamp, worker/video.py), each clip runs
+through the model — batched with clips of the same and other videos — and the clips'
+class probabilities are averaged. With `localize`, the clips are dense sliding windows
+and their per-window probabilities become action segments (worker/localization.py).
+
+    open:     probe the upload, plan the clip starts, open a decoder  (decode pool)
+    advance:  decode the next clip, preprocess its frames              (decode pool)
+    run:      a batch of clips -> class probabilities per clip         (model thread)
+    finish:   average, top-k, timeline, segments                       (decode pool)
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Hashable
+from typing import Any
+
+import av
+import numpy as np
+import torch
+
+from cvserve.app.errors import InputError
+from cvserve.app.queue import Job, now_ms
+from cvserve.app.settings import Settings
+
+from .backend import Backend
+from .localization import localize
+from .preprocess import preprocess_frames
+from .repository import ModelConfig, VideoSpec
+from .task import Prepared, Stream, StreamingTask
+from .video import (
+    DecodeStats,
+    VideoLimits,
+    clip_starts,
+    probe_video,
+    read_clips,
+    sampling_rate,
+)
+
+# Localization: a clip's window moves by this fraction of its length when the request and
+# the model.toml name no clip_stride_s (half-overlapping windows).
+DEFAULT_WINDOW_OVERLAP = 0.5
+
+
+class VideoTask(StreamingTask):
+    """video-classification and temporal-localization models (model.toml [video])."""
+
+    def __init__(self, cfg: ModelConfig, backend: Backend, settings: Settings) -> None:
+        super().__init__(cfg, backend, settings)
+        assert cfg.video is not None  # ModelConfig fills it in for video tasks
+        self.spec: VideoSpec = cfg.video
+        self.limits = VideoLimits.from_settings(settings)
+        self.background = (self.labels.index(self.spec.background_label)
+                           if self.spec.background_label in self.labels else None)
+
+    # --- open: the plan ------------------------------------------------------------------
+    def open(self, job: Job) -> Stream:
+        p = job.params
+        info = probe_video(job.payload, self.limits)
+        clip_len = int(p.get("clip_len") or self.spec.clip_len)
+        if clip_len != self.spec.clip_len and not self.spec.dynamic_clip_len:
+            raise InputError(f"model '{self.cfg.name}' takes clips of exactly "
+                             f"{self.spec.clip_len} frames; got clip_len={clip_len}")
+        if p.get("frame_rate") is not None or p.get("frame_stride") is not None:
+            rate = sampling_rate(info, p.get("frame_rate"), p.get("frame_stride"))
+        else:
+            rate = sampling_rate(info, self.spec.frame_rate, self.spec.frame_stride)
+        localizing = bool(p.get("localize")) or self.cfg.task == "temporal-localization"
+        stride_s = p.get("clip_stride_s")
+        num_clips = p.get("num_clips")
+        if localizing and num_clips is not None:
+            raise InputError("localize=true slides windows every clip_stride_s; num_clips "
+                             "does not apply")
+        if stride_s is None and num_clips is None:
+            if localizing:
+                stride_s = self.spec.clip_stride_s or (
+                    clip_len / rate * (1 - DEFAULT_WINDOW_OVERLAP))
+            else:
+                num_clips = self.spec.num_clips
+        starts = clip_starts(info, clip_len, rate, num_clips=num_clips, clip_stride_s=stride_s)
+        stats = DecodeStats()
+        reader = read_clips(job.payload, starts, clip_len, rate, self.limits, stats)
+        return Stream(job, total=len(starts), meta={
+            "info": info, "starts": starts, "clip_len": clip_len, "frame_rate": rate,
+            "localize": localizing, "reader": reader, "stats": stats})
+
+    # --- advance: one clip ---------------------------------------------------------------
+    def advance(self, stream: Stream) -> Prepared:
+        index = stream.produced
+        clip = next(stream.meta["reader"])  # [T, H, W, 3] uint8 RGB, upright
+        stream.produced += 1
+        if stream.exhausted:
+            stream.meta["reader"].close()  # the decoder's memory goes now, not at the end
+        frames = torch.from_numpy(clip).permute(0, 3, 1, 2)  # [T, 3, H, W]
+        x, _ = preprocess_frames(frames, self.cfg.input)  # [T, 3, h, w] (or [T, h, w, 3])
+        if self.spec.layout == "NCTHW":
+            x = np.ascontiguousarray(np.moveaxis(x, 0, 1))  # [3, T, h, w]
+        return Prepared(stream.job, x, {}, stream=stream, index=index)
+
+    def batch_key(self, item: Prepared) -> Hashable:
+        return item.inputs.shape  # clips of one size and length stack into one tensor
+
+    # --- run: class probabilities per clip ----------------------------------------------
+    def run(self, batch: list[Prepared]) -> list[np.ndarray]:
+        name = self.cfg.inputs[0]
+        if self.spec.layout == "frames":
+            # An image classifier on every frame; a clip's score is its frames' mean.
+            frames = np.concatenate([item.inputs for item in batch])  # [B*T, ...]
+            limit = self.backend.batch_limit or len(frames)
+            logits = np.concatenate([
+                self.backend.run({name: frames[i:i + limit]})[self.cfg.outputs[0]]
+                for i in range(0, len(frames), limit)])
+            probs = self._activate(logits)
+            t = batch[0].inputs.shape[0]
+            return list(probs.reshape(len(batch), t, -1).mean(axis=1))
+        clips = np.stack([item.inputs for item in batch])  # [B, 3, T, h, w] / [B, T, 3, h, w]
+        logits = self.backend.run({name: clips})[self.cfg.outputs[0]]
+        return list(self._activate(logits))
+
+    def _activate(self, logits: np.ndarray) -> np.ndarray:
+        """# [N, K] logits -> [N, K] class scores (the model.toml's activation)."""
+        x = torch.from_numpy(np.asarray(logits, dtype=np.float32).reshape(len(logits), -1))
+        if self.cfg.output.activation == "softmax":
+            x = x.softmax(dim=1)
+        elif self.cfg.output.activation == "sigmoid":
+            x = x.sigmoid()
+        return x.numpy()
+
+    # --- finish: the answer --------------------------------------------------------------
+    def finish_stream(self, stream: Stream) -> tuple[dict[str, Any], bytes | None]:
+        p, meta = stream.job.params, stream.meta
+        info, starts = meta["info"], meta["starts"]
+        clip_s = meta["clip_len"] / meta["frame_rate"]
+        probs = np.stack(stream.outputs)  # [clips, K]
+        top_k = int(p.get("top_k") or 5)
+        mean = probs.mean(axis=0)
+        result: dict[str, Any] = {
+            "top": self._top(mean, top_k),
+            "video": {"duration_s": round(info.duration_s, 3), "fps": round(info.fps, 3),
+                      "width": info.width, "height": info.height, "codec": info.codec,
+                      "rotation": info.rotation, "clips": len(starts),
+                      "clip_len": meta["clip_len"], "frame_rate": round(meta["frame_rate"], 3),
+                      "frames_sampled": len(starts) * meta["clip_len"],
+                      "frames_decoded": meta["stats"].frames_decoded,
+                      "seeks": meta["stats"].seeks},
+        }
+        if p.get("clips"):
+            result["clips"] = [
+                {"start_s": round(start, 3), "end_s": round(min(start + clip_s,
+                                                                 info.duration_s), 3),
+                 "top": self._top(row, min(top_k, 5))}
+                for start, row in zip(starts, probs, strict=True)]
+        if meta["localize"]:
+            segments = localize(np.asarray(starts), clip_s, probs, self.labels,
+                                info.duration_s, background=self.background,
+                                **{k: p[k] for k in ("score_threshold", "nms_iou",
+                                                     "max_segments") if p.get(k) is not None})
+            result["segments"] = [
+                {"label": s.label, "class_id": s.class_id, "start_s": round(s.start_s, 3),
+                 "end_s": round(s.end_s, 3), "score": round(s.score, 4)} for s in segments]
+        return result, None
+
+    def _top(self, scores: np.ndarray, k: int) -> list[dict[str, Any]]:
+        order = np.argsort(-scores, kind="stable")[:k]
+        return [{"label": self.label(int(i)), "class_id": int(i),
+                 "score": round(float(scores[i]), 6)} for i in order]
+
+    # --- warm-up ---------------------------------------------------------------------------
+    def warmup_jobs(self) -> list[Job]:
+        """Two short generated videos (a moving gradient), encoded as H.264 MP4."""
+        return [Job(model=self.cfg.name, task=self.cfg.task, deadline_ms=now_ms() + 3_600_000,
+                    payload=_warmup_video(seed), params={"num_clips": 1})
+                for seed in range(2)]
+
+
+def _warmup_video(seed: int, seconds: float = 2.0, fps: int = 25) -> bytes:
+    """A small real video: enough frames for any clip the warm-up asks for."""
+    rng = np.random.default_rng(seed)
+    height, width = 240, 320
+    base = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    with av.open(buf, mode="w", format="mp4") as container:
+        stream = container.add_stream("libx264", rate=fps)
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        for i in range(int(seconds * fps)):
+            frame = np.roll(base, shift=4 * i, axis=1)
+            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return buf.getvalue()
