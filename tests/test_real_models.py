@@ -353,3 +353,47 @@ def test_deeplab_segments_what_the_readme_lists(real_service: Service, name: str
     with Image.open(io.BytesIO(base64.b64decode(answer["label_map"]["data"]))) as png, \
             Image.open(TESTDATA / name) as photo:
         assert png.size == photo.size
+
+
+def official_i3d(session: ort.InferenceSession, path: Path, frames: int = 16) -> np.ndarray:
+    """The converter's convention (../shared/models/README.md): the first 16 frames, RGB,
+    224x224, x / 127.5 - 1, [1, 3, T, H, W] -> softmax [400]."""
+    with Image.open(path) as gif:
+        clip = []
+        for i in range(frames):
+            gif.seek(i)
+            clip.append(np.asarray(gif.convert("RGB"), dtype=np.float32))
+    x = (np.stack(clip) / 127.5 - 1).transpose(3, 0, 1, 2)[None]  # [1, 3, T, H, W]
+    [logits] = session.run(None, {session.get_inputs()[0].name: x})
+    e = np.exp(logits[0] - logits[0].max())
+    return e / e.sum()
+
+
+def test_i3d_sees_playing_cricket(real_service: Service) -> None:
+    """Through /classify-video (the mirror's I3D is the default video model): one clip of
+    the first 16 frames at the GIF's 25 fps, as the README measures it, equals the
+    converter's pipeline; the default sampling (5 clips averaged) agrees on the label."""
+    path = TESTDATA / "cricket.gif"
+    session = ort.InferenceSession(str(MIRROR / "i3d-kinetics400" /
+                                       "i3d_rgb_kinetics400_t16.onnx"))
+    official = official_i3d(session, path)
+    labels = (REPO_ROOT / "models" / "labels" / "kinetics400.txt").read_text().splitlines()
+
+    def classify(**params: object) -> dict:
+        r = httpx.post(f"{real_service.url}/classify-video", params=params, timeout=300,
+                       files={"file": ("cricket.gif", path.read_bytes(), "image/gif")})
+        assert r.status_code == 200, r.text
+        return r.json()
+
+    first = classify(clip_stride_s=60, top_k=100)  # one window, at 0 s
+    assert first["model"] == "i3d-kinetics400"
+    assert first["video"]["clips"] == 1 and first["video"]["fps"] == 25.0
+    top = first["top"][0]
+    assert top["label"] == "playing cricket" == labels[int(official.argmax())]
+    assert top["score"] == pytest.approx(0.96, abs=0.02)
+    ids = [entry["class_id"] for entry in first["top"]]
+    served = np.array([entry["score"] for entry in first["top"]])
+    assert np.abs(served - official[ids]).max() <= 1e-3
+    averaged = classify()
+    assert averaged["video"]["clips"] == 5
+    assert averaged["top"][0]["label"] == "playing cricket"

@@ -288,6 +288,7 @@ class ModelRunner:
         metrics.QUEUE_SECONDS.labels(self.name).observe(stream.timing_ms["queue"] / 1000)
         result["timing"] = {k: round(v, 2) for k, v in stream.timing_ms.items()}
         metrics.REQUEST_SUCCESS.labels(self.name).inc()
+        await self._progress(stream)  # the final count lands before the result, not after
         await self._send(job, Reply(job.id, result=result, body=body))
 
     # --- execute -----------------------------------------------------------------------
