@@ -60,22 +60,39 @@ def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
 def cmd_export(args: argparse.Namespace, settings: Settings) -> int:
     from cvserve.models.export import ExportError, export_detector
     from cvserve.models.segment_export import SEGMENTERS, export_segmenter
+    from cvserve.models.video_export import (
+        FRAME_CLASSIFIERS,
+        VIDEO_CLASSIFIERS,
+        export_frame_classifier,
+        export_video_classifier,
+        frame_model_name,
+    )
 
     sizes = tuple(int(b) for b in args.batch_sizes.split(","))
+    frame_models = {frame_model_name(arch): arch for arch in FRAME_CLASSIFIERS}
+    video_model = args.name in VIDEO_CLASSIFIERS or args.name in frame_models
+    fmt = args.format or ("onnx" if video_model else "torchscript")
     try:
         if args.name.replace("-", "_") == "efficientnet_lite0":
             from cvserve.models.efficientnet import export_efficientnet_lite0
 
             path = export_efficientnet_lite0(
-                settings.model_repository, fmt=args.format,
+                settings.model_repository, fmt=fmt,
                 name=args.as_name or "efficientnet-lite0", check=not args.no_check)
         elif args.name in SEGMENTERS:
             path = export_segmenter(args.name, settings.model_repository, weights=args.weights,
-                                    fmt=args.format, name=args.as_name,
-                                    check=not args.no_check)
+                                    fmt=fmt, name=args.as_name, check=not args.no_check)
+        elif args.name in VIDEO_CLASSIFIERS:
+            path = export_video_classifier(args.name, settings.model_repository,
+                                           weights=args.weights, fmt=fmt,
+                                           name=args.as_name, check=not args.no_check)
+        elif args.name in frame_models:
+            path = export_frame_classifier(frame_models[args.name], settings.model_repository,
+                                           weights=args.weights, fmt=fmt,
+                                           name=args.as_name, check=not args.no_check)
         else:
             path = export_detector(args.name, settings.model_repository, weights=args.weights,
-                                   fmt=args.format, name=args.as_name, batch_sizes=sizes,
+                                   fmt=fmt, name=args.as_name, batch_sizes=sizes,
                                    num_classes=args.num_classes, check=not args.no_check)
     except ExportError as exc:
         print(f"cvserve models export: {exc}", file=sys.stderr)
@@ -146,16 +163,24 @@ def parser() -> argparse.ArgumentParser:
     models.add_parser("list", help="models in the repository")
     exp = models.add_parser("export", help="export a torchvision detector (Mask and Keypoint "
                                            "R-CNN included), a torchvision semantic "
-                                           "segmenter or EfficientNet-Lite0 (ImageNet)")
+                                           "segmenter, a torchvision video classifier "
+                                           "(Kinetics-400), a single-frame video baseline "
+                                           "or EfficientNet-Lite0 (ImageNet)")
     exp.add_argument("name", help="architecture: a detector (e.g. "
                                   "fasterrcnn_mobilenet_v3_large_320_fpn, "
                                   "maskrcnn_resnet50_fpn, keypointrcnn_resnet50_fpn), a "
                                   "segmenter (fcn_resnet50, deeplabv3_resnet50, "
-                                  "deeplabv3_mobilenet_v3_large, lraspp_mobilenet_v3_large) "
+                                  "deeplabv3_mobilenet_v3_large, lraspp_mobilenet_v3_large), "
+                                  "a video classifier (r3d_18, mc3_18, r2plus1d_18, s3d, "
+                                  "mvit_v2_s, swin3d_t), an ImageNet classifier run on each "
+                                  "frame of a video (resnet18-frames, resnet50-frames, "
+                                  "mobilenet_v3_small-frames, mobilenet_v3_large-frames) "
                                   "or efficientnet_lite0")
     exp.add_argument("--weights", default="default",
                      help="default (pretrained, downloaded) | random | PATH to a checkpoint")
-    exp.add_argument("--format", default="torchscript", choices=("onnx", "torchscript"))
+    exp.add_argument("--format", default=None, choices=("onnx", "torchscript"),
+                     help="default: onnx for video classifiers and -frames models, "
+                          "torchscript for the others")
     exp.add_argument("--as", dest="as_name", default=None, help="model name (default: NAME)")
     exp.add_argument("--batch-sizes", default="1,2,4",
                      help="detectors, ONNX: one graph per batch size")

@@ -77,10 +77,13 @@ def _builder(arch: str) -> Callable[..., nn.Module]:
         return tiny_fasterrcnn
     if arch not in DETECTORS:
         from .segment_export import SEGMENTERS  # imports this module: imported when needed
+        from .video_export import FRAME_CLASSIFIERS, VIDEO_CLASSIFIERS, frame_model_name
 
         raise ExportError(f"unknown architecture '{arch}'; known detectors: "
                           f"{', '.join((*DETECTORS, 'tiny_fasterrcnn'))}; semantic "
-                          f"segmenters (export_segmenter): {', '.join(SEGMENTERS)}")
+                          f"segmenters: {', '.join(SEGMENTERS)}; video classifiers: "
+                          f"{', '.join(VIDEO_CLASSIFIERS)}; frame-level video models: "
+                          f"{', '.join(map(frame_model_name, FRAME_CLASSIFIERS))}")
     return getattr(torchvision.models.detection, arch)
 
 

@@ -96,6 +96,7 @@ class VideoSpec(BaseModel):
     # Whether a request may ask for another clip_len (a graph with a symbolic T; models
     # that pool over time adaptively). A fixed-T graph (MViT, I3D's ONNX) may not.
     dynamic_clip_len: bool = False
+    min_clip_len: int = Field(default=1, ge=1)  # with dynamic_clip_len: the shortest T it takes
     # Default sampling: frames per second (the rate the model was trained at), or every
     # frame_stride-th frame of the file; exactly one.
     frame_rate: float | None = Field(default=15.0, gt=0)

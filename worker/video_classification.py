@@ -64,6 +64,9 @@ class VideoTask(StreamingTask):
         if clip_len != self.spec.clip_len and not self.spec.dynamic_clip_len:
             raise InputError(f"model '{self.cfg.name}' takes clips of exactly "
                              f"{self.spec.clip_len} frames; got clip_len={clip_len}")
+        if clip_len < self.spec.min_clip_len:
+            raise InputError(f"model '{self.cfg.name}' takes clips of at least "
+                             f"{self.spec.min_clip_len} frames; got clip_len={clip_len}")
         if p.get("frame_rate") is not None or p.get("frame_stride") is not None:
             rate = sampling_rate(info, p.get("frame_rate"), p.get("frame_stride"))
         else:
