@@ -135,7 +135,38 @@ def video_repo(eager: nn.Module, tmp_path_factory: pytest.TempPathFactory) -> Pa
     write_model(repo, "tiny3d-onnx", eager, "onnx")
     write_model(repo, "tiny3d-ts", eager, "torchscript")
     write_model(repo, "tiny3d-fixed", eager, "torchscript", dynamic=False)
+    write_frame_model(repo, "tiny2d-frames", frame_eager())
     return repo
+
+
+class Tiny2D(nn.Module):
+    """An image classifier: conv2d -> ReLU -> global mean -> linear: [N, 3, H, W] -> [N, 5]."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.fc = nn.Linear(8, len(CLASSES))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.relu(self.conv(images)).mean(dim=(2, 3)))
+
+
+def frame_eager() -> nn.Module:
+    torch.manual_seed(11)
+    return Tiny2D().eval()
+
+
+def write_frame_model(repo: Path, name: str, module: nn.Module) -> None:
+    """The single-frame baseline: an image model run on every sampled frame."""
+    folder = repo / name
+    folder.mkdir(parents=True)
+    with _quiet_exporters():
+        torch.jit.trace(module, torch.randn(2, 3, *CROP)).save(str(folder / "model.pt"))
+    (folder / "labels.txt").write_text("\n".join(CLASSES) + "\n")
+    toml = MODEL_TOML.format(backend="torchscript", file="model.pt", dynamic="true")
+    toml = toml.replace('inputs = ["video"]', 'inputs = ["images"]')
+    toml = toml.replace("[video]\n", '[video]\nlayout = "frames"\n')
+    (folder / "model.toml").write_text(toml)
 
 
 @pytest.fixture(scope="module")
@@ -176,6 +207,23 @@ def eager_clip_probs(model: nn.Module, data: bytes, starts: list[float]) -> np.n
             x = TF.normalize(TF.to_dtype(x, torch.float32, scale=True), MEAN, STD)
             out.append(model(x.permute(1, 0, 2, 3)[None]).softmax(dim=1)[0].numpy())
     return np.stack(out)
+
+
+def test_frame_level_model_averages_its_frames(service: Service, video: bytes) -> None:
+    r = classify(service, video, model="tiny2d-frames", clips="true", top_k=len(CLASSES))
+    assert r.status_code == 200, r.text
+    starts = clip_starts(probe_video(video, VideoLimits()), CLIP_LEN, FRAME_RATE,
+                         num_clips=NUM_CLIPS)
+    model = frame_eager()
+    ref = []
+    with torch.no_grad():
+        for clip in read_clips(video, starts, CLIP_LEN, FRAME_RATE, VideoLimits()):
+            x = torch.from_numpy(clip).permute(0, 3, 1, 2)
+            x = TF.center_crop(TF.resize(x, list(RESIZE_TO), antialias=False), list(CROP))
+            x = TF.normalize(TF.to_dtype(x, torch.float32, scale=True), MEAN, STD)
+            ref.append(model(x).softmax(dim=1).mean(dim=0).numpy())  # frames' mean
+    served = np.stack([probs_of(c["top"]) for c in r.json()["clips"]])
+    assert np.abs(served - np.stack(ref)).max() <= 1e-4
 
 
 def probs_of(answer_top: list[dict]) -> np.ndarray:
