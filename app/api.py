@@ -192,7 +192,8 @@ def create_app(settings: Settings, queue: JobQueue,
 
     app = FastAPI(title="cvserve", version="0.1.0", lifespan=lifespan,
                   description="Computer-vision inference: POST an image, get detections "
-                              "or segmentation masks.")
+                              "or segmentation masks; POST a video, get its actions and "
+                              "where they happen (long videos as jobs: GET /jobs/{id}).")
     app.state.settings = settings
     app.state.queue = queue
 

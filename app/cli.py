@@ -70,7 +70,7 @@ def cmd_export(args: argparse.Namespace, settings: Settings) -> int:
 
     sizes = tuple(int(b) for b in args.batch_sizes.split(","))
     frame_models = {frame_model_name(arch): arch for arch in FRAME_CLASSIFIERS}
-    video_model = args.name in VIDEO_CLASSIFIERS or args.name in frame_models
+    video_model = args.name in (*VIDEO_CLASSIFIERS, "demo-actions") or args.name in frame_models
     fmt = args.format or ("onnx" if video_model else "torchscript")
     try:
         if args.name.replace("-", "_") == "efficientnet_lite0":
@@ -79,6 +79,12 @@ def cmd_export(args: argparse.Namespace, settings: Settings) -> int:
             path = export_efficientnet_lite0(
                 settings.model_repository, fmt=fmt,
                 name=args.as_name or "efficientnet-lite0", check=not args.no_check)
+        elif args.name == "demo-actions":
+            from cvserve.models.train_video import DEMO_ACTIONS, export_demo_actions
+
+            weights = DEMO_ACTIONS if args.weights == "default" else Path(args.weights)
+            path = export_demo_actions(settings.model_repository, weights=weights, fmt=fmt,
+                                       name=args.as_name or "demo-actions")
         elif args.name in SEGMENTERS:
             path = export_segmenter(args.name, settings.model_repository, weights=args.weights,
                                     fmt=fmt, name=args.as_name, check=not args.no_check)
@@ -134,6 +140,24 @@ def cmd_pull(args: argparse.Namespace, settings: Settings) -> int:
     return 1 if failed else 0
 
 
+def cmd_train_demo_actions(args: argparse.Namespace, settings: Settings) -> int:
+    from cvserve.models.train_video import (
+        DEMO_ACTIONS,
+        evaluate_actions,
+        export_demo_actions,
+        load_actions,
+        train_actions,
+    )
+
+    ckpt = Path(args.checkpoint or DEMO_ACTIONS)
+    train_actions(ckpt, steps=args.steps, seed=args.seed,
+                  init=Path(args.init) if args.init else None)
+    model, _ = load_actions(ckpt)
+    print(f"held-out clips: {evaluate_actions(model, 20)}")
+    print(f"wrote {ckpt} and {export_demo_actions(settings.model_repository, weights=ckpt)}")
+    return 0
+
+
 def cmd_train_demo(args: argparse.Namespace, settings: Settings) -> int:
     from cvserve.models.evaluate import evaluate_eager
     from cvserve.models.export import DEMO_WEIGHTS, build_eager, export_detector
@@ -174,8 +198,9 @@ def parser() -> argparse.ArgumentParser:
                                   "a video classifier (r3d_18, mc3_18, r2plus1d_18, s3d, "
                                   "mvit_v2_s, swin3d_t), an ImageNet classifier run on each "
                                   "frame of a video (resnet18-frames, resnet50-frames, "
-                                  "mobilenet_v3_small-frames, mobilenet_v3_large-frames) "
-                                  "or efficientnet_lite0")
+                                  "mobilenet_v3_small-frames, mobilenet_v3_large-frames), "
+                                  "efficientnet_lite0 or demo-actions (the shipped demo "
+                                  "action classifier)")
     exp.add_argument("--weights", default="default",
                      help="default (pretrained, downloaded) | random | PATH to a checkpoint")
     exp.add_argument("--format", default=None, choices=("onnx", "torchscript"),
@@ -200,6 +225,15 @@ def parser() -> argparse.ArgumentParser:
                       help="where to write the weights (default: models/demo/detector.pt)")
     demo.add_argument("--format", default="torchscript", choices=("onnx", "torchscript"))
     demo.add_argument("--as", dest="as_name", default="demo-detector")
+    actions = models.add_parser("train-demo-actions",
+                                help="train the demo action classifier on synthetic videos")
+    actions.add_argument("--steps", type=int, default=300)
+    actions.add_argument("--seed", type=int, default=0)
+    actions.add_argument("--init", default=None,
+                         help="continue from this checkpoint (give another --seed)")
+    actions.add_argument("--checkpoint", default=None,
+                         help="where to write the weights (default: "
+                              "models/demo/actions_c3d.pt)")
     return p
 
 
@@ -214,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
     handlers = {"run": cmd_run, "api": cmd_api, "worker": cmd_worker}
     if args.command == "models":
         handlers = {"export": cmd_export, "list": cmd_list, "pull": cmd_pull,
-                    "train-demo": cmd_train_demo}
+                    "train-demo": cmd_train_demo, "train-demo-actions": cmd_train_demo_actions}
         return handlers[args.models_command](args, settings)
     return handlers[args.command](args, settings)
 

@@ -11,8 +11,13 @@ import pytest
 from PIL import Image
 
 from cvserve.models.synthetic import make_scene
+from cvserve.models.synthetic_video import make_action_clip
 
 from .conftest import Service, embedded_service, free_port, iou
+
+# Trimmed clips of the demo action classifier's world (seeds held out from its training),
+# one per action it tells apart most reliably (models/demo/README.md).
+DEMO_ACTION_CLIPS = [("blink", 30_000_000), ("rotate", 30_000_001), ("move_left", 30_000_002)]
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +79,7 @@ def test_health_and_readiness(embedded: Service) -> None:
     assert httpx.get(f"{embedded.url}/readyz").status_code == 200
 
 
-def test_fresh_repository_serves_the_demo_detector_and_a_segmenter_offline(tmp_path: Path) -> None:
+def test_fresh_repository_serves_demo_models_and_a_segmenter_offline(tmp_path: Path) -> None:
     # An unreachable proxy stands for "offline": the pretrained download fails at once.
     env = {"CVSERVE_MODEL_REPOSITORY": str(tmp_path / "models"), "TORCH_HOME": str(tmp_path),
            "HTTPS_PROXY": "http://127.0.0.1:9", "https_proxy": "http://127.0.0.1:9"}
@@ -82,7 +87,7 @@ def test_fresh_repository_serves_the_demo_detector_and_a_segmenter_offline(tmp_p
     try:
         svc.wait_ready(timeout=180)
         models = {m["name"]: m for m in httpx.get(f"{svc.url}/models").json()["models"]}
-        assert set(models) == {"demo-detector", "lraspp_mobilenet_v3_large"}
+        assert set(models) == {"demo-detector", "lraspp_mobilenet_v3_large", "demo-actions"}
         assert "demo" in svc.log()
         # The quick start answers /segment too (random weights offline: says so).
         assert models["lraspp_mobilenet_v3_large"]["weights_kind"] == "random"
@@ -91,6 +96,14 @@ def test_fresh_repository_serves_the_demo_detector_and_a_segmenter_offline(tmp_p
         assert segment["model"] == "lraspp_mobilenet_v3_large"
         assert segment["image"] == {"width": 320, "height": 240}
         assert sum(c["fraction"] for c in segment["classes"]) == pytest.approx(1, abs=1e-4)
+        # And /classify-video: the demo action classifier, trained on generated videos.
+        assert models["demo-actions"]["weights_kind"] == "demo"
+        for label, seed in DEMO_ACTION_CLIPS:
+            video = make_action_clip(label, seed, duration_s=3.0).mp4()
+            answer = httpx.post(f"{svc.url}/classify-video", timeout=60,
+                                files={"file": ("a.mp4", video, "video/mp4")}).json()
+            assert answer["model"] == "demo-actions"
+            assert answer["top"][0]["label"] == label, answer["top"]
         found = 0
         scenes = [make_scene(seed, 480, 360) for seed in (11, 12, 13)]
         for scene in scenes:

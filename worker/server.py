@@ -32,6 +32,9 @@ TASKS: dict[str, type[Task]] = {"detection": DetectionTask,
 # What a fresh install serves for /segment (the smallest torchvision segmenter: 3.2 M
 # parameters), pretrained when it downloads.
 DEFAULT_SEGMENTER = "lraspp_mobilenet_v3_large"
+# And for /classify-video: torchvision's R3D-18 (Kinetics-400) when it downloads.
+DEFAULT_VIDEO_CLASSIFIER = "r3d_18"
+VIDEO_TASKS = ("video-classification", "temporal-localization")
 
 
 def default_worker_id() -> str:
@@ -60,6 +63,8 @@ def serving_configs(settings: Settings) -> list[ModelConfig]:
             configs.append(build_default_detector(settings))
         if fresh and not any(c.task == "semantic-segmentation" for c in configs):
             configs.append(build_default_segmenter(settings))
+        if fresh and not any(c.task in VIDEO_TASKS for c in configs):
+            configs.append(build_default_video_model(settings))
     return configs
 
 
@@ -121,6 +126,25 @@ def build_default_segmenter(settings: Settings) -> ModelConfig:
     log.warning("using RANDOM weights for %s: it segments nothing meaningful. Export a "
                 "real model with `cvserve models export`", DEFAULT_SEGMENTER)
     return load_config(export_segmenter(DEFAULT_SEGMENTER, repo, weights="random"))
+
+
+def build_default_video_model(settings: Settings) -> ModelConfig:
+    """torchvision's pretrained R3D-18 when it downloads, else the project's demo action
+    classifier (shipped weights; it knows the synthetic world's actions only)."""
+    from cvserve.models.export import ExportError
+    from cvserve.models.train_video import DEMO_ACTIONS, export_demo_actions
+    from cvserve.models.video_export import export_video_classifier
+
+    repo = settings.model_repository
+    log.warning("no video model in %s: building one", repo)
+    try:
+        return load_config(export_video_classifier(DEFAULT_VIDEO_CLASSIFIER, repo,
+                                                   weights="default"))
+    except ExportError as exc:
+        log.warning("%s", exc)
+    log.warning("serving the demo action classifier (trained on generated videos of shapes "
+                "moving, growing, rotating, blinking; see models/demo/README.md)")
+    return load_config(export_demo_actions(repo, weights=DEMO_ACTIONS))
 
 
 def build_task(cfg: ModelConfig, settings: Settings) -> Task:

@@ -97,11 +97,8 @@ class VideoTask(StreamingTask):
         stream.produced += 1
         if stream.exhausted:
             stream.meta["reader"].close()  # the decoder's memory goes now, not at the end
-        frames = torch.from_numpy(clip).permute(0, 3, 1, 2)  # [T, 3, H, W]
-        x, _ = preprocess_frames(frames, self.cfg.input)  # [T, 3, h, w] (or [T, h, w, 3])
-        if self.spec.layout == "NCTHW":
-            x = np.ascontiguousarray(np.moveaxis(x, 0, 1))  # [3, T, h, w]
-        return Prepared(stream.job, x, {}, stream=stream, index=index)
+        return Prepared(stream.job, clip_input(clip, self.cfg), {}, stream=stream,
+                        index=index)
 
     def batch_key(self, item: Prepared) -> Hashable:
         return item.inputs.shape  # clips of one size and length stack into one tensor
@@ -177,6 +174,20 @@ class VideoTask(StreamingTask):
         return [Job(model=self.cfg.name, task=self.cfg.task, deadline_ms=now_ms() + 3_600_000,
                     payload=_warmup_video(seed), params={"num_clips": 1})
                 for seed in range(2)]
+
+
+def clip_input(clip: np.ndarray, cfg: ModelConfig) -> np.ndarray:
+    """A decoded clip # [T, H, W, 3] uint8 RGB -> the model's input for it: [3, T, h, w]
+    (NCTHW), [T, 3, h, w] (NTCHW, frames) or [T, h, w, 3] (NHWC frames).
+
+    Each frame goes through [input] with torch's uint8 resize kernel: what torchvision's
+    video presets run (they resize uint8 frames), and ~8x faster on decoded frames."""
+    assert cfg.video is not None
+    frames = torch.from_numpy(clip).permute(0, 3, 1, 2)  # [T, 3, H, W], channels-last view
+    x, _ = preprocess_frames(frames, cfg.input, uint8_kernel=True)
+    if cfg.video.layout == "NCTHW":
+        x = np.ascontiguousarray(np.moveaxis(x, 0, 1))
+    return x
 
 
 def _warmup_video(seed: int, seconds: float = 2.0, fps: int = 25) -> bytes:

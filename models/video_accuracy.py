@@ -1,0 +1,116 @@
+"""Accuracy harness for /classify-video: held-out synthetic untrimmed videos, sent to the
+service over HTTP, scored against their ground truth.
+
+- clip accuracy: each sliding window's top label (`clips=true`) against the label that
+  covers most of that window (models/synthetic_video.py);
+- temporal mAP of `segments[]` (`localize=true`) at tIoU 0.3 / 0.5 / 0.7 and their mean,
+  ActivityNet's definition (models/temporal_eval.py).
+
+    python -m cvserve.models.video_accuracy                      # starts `cvserve run`
+    python -m cvserve.models.video_accuracy --url http://127.0.0.1:8000 --model demo-actions
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+
+from .synthetic_video import make_action_video
+from .temporal_eval import temporal_map
+
+HELD_OUT_SEED = 20_000_000  # training draws its videos far below this
+DEMO_MODEL = "demo-actions"
+
+
+def evaluate(url: str, model: str, videos: int = 10, seed: int = HELD_OUT_SEED,
+             timeout_s: float = 300.0) -> dict[str, float]:
+    """Clip accuracy and temporal mAP of `model` as served at `url`."""
+    truth, predictions = [], []
+    correct = total = 0
+    for i in range(videos):
+        video = make_action_video(seed + i)
+        r = httpx.post(f"{url}/classify-video", timeout=timeout_s + 30, trust_env=False,
+                       params={"model": model, "localize": "true", "clips": "true",
+                               "top_k": 1, "async": "false", "timeout_s": timeout_s},
+                       files={"file": (f"video-{i}.mp4", video.mp4(), "video/mp4")})
+        if r.status_code != 200:
+            raise RuntimeError(f"/classify-video answered {r.status_code}: {r.text}")
+        answer = r.json()
+        clip_len, rate = answer["video"]["clip_len"], answer["video"]["frame_rate"]
+        for clip in answer["clips"]:
+            want = video.clip_label(clip["start_s"], clip_len, rate)
+            correct += clip["top"][0]["label"] == want
+            total += 1
+        truth += [{"video_id": i, "label": s.label, "start_s": s.start_s,
+                   "end_s": s.end_s} for s in video.segments]
+        predictions += [{"video_id": i, **s} for s in answer["segments"]]
+    return {"videos": videos, "clips": total, "clip_accuracy": correct / max(total, 1),
+            **temporal_map(truth, predictions)}
+
+
+@contextmanager
+def embedded(repository: Path) -> Iterator[str]:
+    """`cvserve run` on a free port over `repository`; its URL once ready."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "CVSERVE_MODEL_REPOSITORY": str(repository),
+           "CVSERVE_AUTO_BUILD_DEFAULT": "false", "CVSERVE_PORT": str(port)}
+    env.pop("CVSERVE_REDIS_URL", None)
+    proc = subprocess.Popen([sys.executable, "-m", "cvserve.app.cli", "run"], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise RuntimeError(f"cvserve run exited with {proc.returncode}")
+            try:
+                if httpx.get(f"{url}/readyz", timeout=2, trust_env=False).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.3)
+        else:
+            raise RuntimeError("cvserve run was not ready in 180 s")
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--url", help="a running service (default: start `cvserve run` serving "
+                                  "the demo action classifier)")
+    ap.add_argument("--model", default=DEMO_MODEL)
+    ap.add_argument("--videos", type=int, default=10)
+    ap.add_argument("--seed", type=int, default=HELD_OUT_SEED)
+    args = ap.parse_args(argv)
+    if args.url:
+        scores = evaluate(args.url, args.model, args.videos, args.seed)
+    else:
+        from .train_video import export_demo_actions
+
+        with tempfile.TemporaryDirectory() as tmp:
+            export_demo_actions(Path(tmp))
+            with embedded(Path(tmp)) as url:
+                scores = evaluate(url, args.model, args.videos, args.seed)
+    print(json.dumps({k: round(v, 4) for k, v in scores.items()}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
