@@ -62,6 +62,18 @@ def test_nms_suppresses_overlaps_of_a_class_and_keeps_other_classes() -> None:
     assert temporal_nms([], iou=0.5) == []
 
 
+def test_nms_drops_a_span_over_two_actions_of_one_class() -> None:
+    """Seen on a synthetic video: rotate 1.0-4.5 s and 6.3-9.8 s, and a weaker proposal
+    spanning both (and the idle gap); it overlaps each by less than half."""
+    segments = [
+        Segment("rotate", 5, 6.3, 9.8, 0.60),
+        Segment("rotate", 5, 1.0, 4.5, 0.53),
+        Segment("rotate", 5, 0.8, 10.0, 0.51),  # IoU 0.38 / 0.38; 76 % covered by both
+        Segment("rotate", 5, 11.0, 14.0, 0.40),  # a third action, apart: kept
+    ]
+    assert temporal_nms(segments, iou=0.5) == [segments[0], segments[1], segments[3]]
+
+
 # --- AP and mAP ---------------------------------------------------------------------------
 
 def gt(video: str, label: str, start_s: float, end_s: float) -> dict:

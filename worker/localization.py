@@ -73,19 +73,41 @@ def temporal_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 def nms_indices(intervals: np.ndarray, scores: np.ndarray, iou: float) -> np.ndarray:
     """Greedy 1-D NMS: indices into intervals # [N, 2] that survive, by score descending.
 
-    An interval is dropped when its IoU with a kept, higher-scoring one exceeds `iou`.
-    Ties keep the earlier index.
+    An interval is dropped when its IoU with a kept, higher-scoring one exceeds `iou`, or
+    when two or more kept, higher-scoring ones jointly cover more than `iou` of its
+    length: a span over two actions of one class (and the idle gap between them) overlaps
+    each by less than half, so IoU alone keeps it beside them. Ties keep the earlier index.
     """
+    intervals = np.asarray(intervals, dtype=np.float64).reshape(-1, 2)
     order = np.argsort(-np.asarray(scores, dtype=np.float64), kind="stable")
     ious = temporal_iou(intervals, intervals)
     suppressed = np.zeros(len(order), dtype=bool)
-    keep = []
+    keep: list[int] = []
     for i in order:
-        if suppressed[i]:
+        if suppressed[i] or _covered(intervals[i], intervals[keep]) > iou:
             continue
         keep.append(i)
         suppressed |= ious[i] > iou
     return np.asarray(keep, dtype=np.intp)
+
+
+def _covered(interval: np.ndarray, others: np.ndarray) -> float:
+    """Share of `interval` # [2] that the union of `others` # [M, 2] covers, when at least
+    two of them overlap it (else 0: one overlap is plain NMS's business)."""
+    length = interval[1] - interval[0]
+    overlapping = others[(others[:, 1] > interval[0]) & (others[:, 0] < interval[1])] \
+        if len(others) else others
+    if length <= 0 or len(overlapping) < 2:
+        return 0.0
+    clipped = np.clip(overlapping, interval[0], interval[1])
+    clipped = clipped[np.argsort(clipped[:, 0], kind="stable")]
+    covered, reach = 0.0, interval[0]
+    for start, end in clipped:
+        start = max(start, reach)
+        if end > start:
+            covered += end - start
+            reach = end
+    return covered / length
 
 
 def temporal_nms(segments: Sequence[Segment], iou: float) -> list[Segment]:
