@@ -78,13 +78,13 @@ class Plan:
     c16_s: float
 
 
-def make_plan(dry_run: bool) -> Plan:
+def make_plan(dry_run: bool, arch: str = ARCH) -> Plan:
     if dry_run:
         from cvserve.models.export import DEMO_WEIGHTS
 
         return Plan("cpu", DRY_ARCH, str(DEMO_WEIGHTS), [1, 2, 4], 4,
                     ((640, 480), (320, 240), (400, 300)), 0.2, 0.5, 0.5, 1.0, 1.5)
-    return Plan("cuda", ARCH, "random", [1, 2, 4, 8, 16], 16, FOUR_THREE, 1.0, 2.5, 3.0, 5.0,
+    return Plan("cuda", arch, "random", [1, 2, 4, 8, 16], 16, FOUR_THREE, 1.0, 2.5, 3.0, 5.0,
                 8.0)
 
 
@@ -471,6 +471,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--budget-s", type=float, default=330.0,
                    help="seconds for everything; optional configurations are skipped when "
                         "short (default 330)")
+    p.add_argument("--arch", default=ARCH,
+                   help=f"the torchvision detector to export (default {ARCH}); "
+                        "fasterrcnn_mobilenet_v3_large_320_fpn is one whose per-image "
+                        "overheads dominate on a GPU")
+    p.add_argument("--quick", action="store_true",
+                   help="fp32 batched and unbatched only: no fp16, no second instance, "
+                        "no Pillow-decode run")
     p.add_argument("--tests", type=Path, default=None,
                    help="a file holding the test run's summary line, for the table")
     return p.parse_args(argv)
@@ -497,7 +504,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     args.out.mkdir(parents=True, exist_ok=True)
     budget = Budget(args.budget_s)
-    plan = make_plan(args.cpu_dry_run)
+    plan = make_plan(args.cpu_dry_run, args.arch)
     info = versions()
     print(json.dumps(info, indent=1), flush=True)
     if plan.device == "cuda" and not info["gpu"]:
@@ -512,17 +519,18 @@ def main(argv: list[str] | None = None) -> int:
         if base is None:
             return finish(args, plan, info, rows, errors)
         images = scenes(plan)
-        for fp16 in (False, True):
+        for fp16 in (False,) if args.quick else (False, True):
             found = run_stage(f"model alone {'fp16' if fp16 else 'fp32'}", errors, model_alone,
                               base, images, plan, fp16, budget)
             rows += found or []
         configs = [Config("batched", variant(base, "det-b16", plan.max_batch), [1, 16]),
                    Config("unbatched", variant(base, "det-b1", 1), [16])]
-        if info["settings.fp16"] and info["model.toml allow_fp16"] and plan.device == "cuda":
+        if (info["settings.fp16"] and info["model.toml allow_fp16"] and plan.device == "cuda"
+                and not args.quick):
             # Speed only where the architecture is not fp16-safe (see model_alone).
             configs.append(Config("batched fp16", variant(base, "det-b16-fp16", plan.max_batch,
                                                           allow_fp16=True), [1, 16]))
-        if info["model.toml instances"]:  # two model threads, each with its compute stream
+        if info["model.toml instances"] and not args.quick:  # two model threads, two streams
             configs.append(Config("batched 2 instances", variant(
                 base, "det-b16-x2", plan.max_batch, instances=2), [16]))
         env = {"CVSERVE_FP16": "true", "CVSERVE_GPU_JPEG_DECODE": "true"}
@@ -532,7 +540,9 @@ def main(argv: list[str] | None = None) -> int:
             for row in rows:
                 if row.what.startswith("e2e batched fp16"):
                     row.note += "; speed only: the architecture is not fp16-safe"
-        if budget.left() > plan.warmup_s + plan.c16_s + 40:
+        if args.quick:
+            pass
+        elif budget.left() > plan.warmup_s + plan.c16_s + 40:
             pillow = [Config("batched, Pillow decode", "det-b16", [16])]
             rows += run_stage("end to end, Pillow decode", errors, end_to_end, repository,
                               pillow, {"CVSERVE_GPU_JPEG_DECODE": "false"}, images, plan,

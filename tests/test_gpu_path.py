@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torchvision.ops import box_iou
 
 from cvserve.app.errors import PayloadTooLarge
 from cvserve.app.queue import Job
@@ -94,23 +95,38 @@ def detections(out: Arrays) -> Detections:
 
 
 def assert_same_detections(ref: Detections, got: Detections, box_px: float, score_tol: float,
-                           min_score: float = 0.0) -> None:
+                           min_score: float = 0.0, min_iou: float | None = None) -> None:
     """Every decisive detection of `ref` (see export.decisive) scoring at least min_score
-    is in `got`: same label, each corner within box_px, score within score_tol."""
+    is in `got`: same label, each corner within box_px (or, with min_iou, an IoU of at
+    least that), score within score_tol."""
     checked, missing = 0, []
     for k, (r, g) in enumerate(zip(ref, got, strict=True)):
         for i in decisive(r, score_tol):
             if float(r["scores"][i]) < min_score:
                 continue
             checked += 1
-            close = ((g["labels"] == r["labels"][i])
-                     & ((g["boxes"] - r["boxes"][i]).abs().amax(dim=1) <= box_px)
+            if min_iou is None:
+                same_box = (g["boxes"] - r["boxes"][i]).abs().amax(dim=1) <= box_px
+            else:
+                same_box = box_iou(r["boxes"][i][None], g["boxes"])[0] >= min_iou
+            close = ((g["labels"] == r["labels"][i]) & same_box
                      & ((g["scores"] - r["scores"][i]).abs() <= score_tol))
             if not close.any():
                 missing.append((k, r["labels"][i].item(), r["scores"][i].item(),
-                                r["boxes"][i].tolist()))
+                                r["boxes"][i].tolist(), nearest(g, r["boxes"][i])))
     assert checked > 0, "no decisive detection to compare: the test compares nothing"
-    assert not missing, f"{len(missing)} of {checked} detections not reproduced: {missing[:5]}"
+    assert not missing, (f"{len(missing)} of {checked} detections not reproduced (image, "
+                         f"label, score, box, nearest in got): {missing[:5]}")
+
+
+def nearest(got: dict[str, torch.Tensor], box: torch.Tensor) -> tuple | None:
+    """The detection of `got` overlapping `box` most: (IoU, label, score, box), for messages."""
+    if len(got["boxes"]) == 0:
+        return None
+    iou = box_iou(box[None], got["boxes"])[0]
+    j = int(iou.argmax())
+    return (round(float(iou[j]), 3), int(got["labels"][j]), round(float(got["scores"][j]), 4),
+            [round(v, 1) for v in got["boxes"][j].tolist()])
 
 
 def assert_outputs_equal(a: Arrays, b: Arrays, atol: float = 0.0) -> None:
@@ -307,11 +323,13 @@ def test_cuda_fp32_equals_cpu_with_random_weights(random_repo: Path,
 @needs_cuda
 def test_cuda_fp16_is_close_to_fp32(demo_cfg: ModelConfig, core_inputs: list[Arrays],
                                     caplog: pytest.LogCaptureFixture) -> None:
-    """Tolerances: fp16 carries 11 significant bits, so a coordinate of 256-512 px is
-    rounded to 0.25 px and one of 512-1024 px to 0.5 px, and anchors, box deltas and their
-    decoding all run at that precision: 2 px. Scores go through ~20 layers at ~5e-4
-    relative error each: 0.02. Only detections scoring >= 0.1 are compared: one near the
-    model's 0.05 score floor may drop below it in fp16, and that is no error."""
+    """Tolerances: scores go through ~20 layers at ~5e-4 relative error each: 0.02. Boxes:
+    fp16 moves the RPN's objectness enough to change which proposals survive its top-k and
+    NMS, and the box head then refines a neighbouring proposal, so a corner can move a few
+    pixels (on an H200: 3.4 px on a 92-px-tall box, IoU 0.934, same label, score 0.5373 vs
+    0.5371): boxes must overlap with IoU >= 0.9. Only detections scoring >= 0.3 are
+    compared: below that, near-tied labels of one object swap under the same proposal
+    change (seen: a 0.10 triangle whose fp16 counterpart is a 0.67 star at IoU 0.61)."""
     with caplog.at_level("INFO", logger="cvserve.torchscript"):
         half = TorchScriptBackend(with_fields(demo_cfg, allow_fp16=True),
                                   with_fields(Settings(device="cuda"), fp16=True))
@@ -321,8 +339,8 @@ def test_cuda_fp16_is_close_to_fp32(demo_cfg: ModelConfig, core_inputs: list[Arr
     for inputs in core_inputs:
         got = half.run(inputs)
         assert got["boxes"].dtype == got["scores"].dtype == np.float32
-        assert_same_detections(detections(full.run(inputs)), detections(got), box_px=2.0,
-                               score_tol=0.02, min_score=0.1)
+        assert_same_detections(detections(full.run(inputs)), detections(got), box_px=0.0,
+                               score_tol=0.02, min_score=0.3, min_iou=0.9)
 
 
 @needs_cuda
