@@ -36,6 +36,7 @@ from .schemas import (
     ClassifyVideoResponse,
     DetectResponse,
     ErrorResponse,
+    ExplainResponse,
     JobAccepted,
     JobStatus,
     ModelInfo,
@@ -70,6 +71,9 @@ VIDEO_BODY = {"requestBody": {"required": True, "content": {
 WEIGHTS_RANK = {"pretrained": 0, "demo": 1, "random": 2}
 ERRORS = {code: {"model": ErrorResponse} for code in (400, 404, 413, 415, 503, 504)}
 VIDEO_TASKS = ("video-classification", "temporal-localization")
+# worker/explain.py's METHODS (the api imports no worker code: it runs without torch).
+EXPLAIN_METHODS = ("gradcam", "gradcam++", "cam", "saliency", "guided-backprop",
+                   "guided-gradcam", "occlusion")
 
 
 def error_response(err: CvserveError, request_id: str | None = None) -> JSONResponse:
@@ -229,8 +233,9 @@ def create_app(settings: Settings, queue: JobQueue,
 
     # --- task endpoints ----------------------------------------------------------------
     async def run_job(request: Request, info: ModelInfo, params: dict[str, Any],
-                      data: bytes, timeout_s: float | None) -> tuple[dict, bytes | None]:
-        name, task = info.name, info.task
+                      data: bytes, timeout_s: float | None, task: str | None = None
+                      ) -> tuple[dict, bytes | None]:
+        name, task = info.name, task or info.task
         timeout = timeout_s if timeout_s is not None else settings.request_timeout_s
         if not 0 < timeout <= settings.max_request_timeout_s:
             raise InputError(f"timeout_s must be in (0, {settings.max_request_timeout_s}] "
@@ -340,6 +345,54 @@ def create_app(settings: Settings, queue: JobQueue,
             return Response(body, media_type="image/png")
         return JSONResponse({"model": info.name, **result})
 
+    @app.post("/explain", response_model=ExplainResponse, openapi_extra=IMAGE_BODY,
+              responses={**ERRORS, 200: {"content": {"image/png": {}}}})
+    async def explain(
+        request: Request,
+        model: str | None = Query(None, description="An image classification model; default: "
+                                                    "the best served"),
+        method: str | None = Query(None, description=f"{' | '.join(EXPLAIN_METHODS)} "
+                                                     "(default gradcam)"),
+        target: str | None = Query(None, description="Class id or label to explain "
+                                                     "(default: the top-1)"),
+        layer: str | None = Query(None, description="gradcam / gradcam++ / guided-gradcam: "
+                                                    "a dotted module path (default: the "
+                                                    "model's last conv block)"),
+        patch: int | None = Query(None, ge=1, le=4096, description="occlusion: patch side "
+                                                                   "in model input pixels"),
+        stride: int | None = Query(None, ge=1, le=4096, description="occlusion: step"),
+        top_k: int | None = Query(None, ge=1, le=100),
+        render: str | None = Query(None, description="with Accept: image/png / format=png: "
+                                                     "overlay (default) or heatmap (the "
+                                                     "bare map)"),
+        format: str | None = Query(None, description="json (default) or png"),
+        timeout_s: float | None = Query(None, gt=0),
+    ) -> Response:
+        data, fields = await read_upload(request, settings.upload_bytes)
+        args = _merge_form({"model": model, "method": method, "target": target,
+                            "layer": layer, "patch": patch, "stride": stride,
+                            "top_k": top_k, "render": render, "format": format,
+                            "timeout_s": timeout_s}, fields)
+        probe_image(data, settings.image_pixels)
+        if args["method"] is not None and args["method"] not in EXPLAIN_METHODS:
+            hint = (" ('+' in a query string is a space: write method=gradcam%2B%2B)"
+                    if args["method"].rstrip() == "gradcam" else "")
+            raise InputError(f"method must be one of {', '.join(EXPLAIN_METHODS)}; got "
+                             f"'{args['method']}'{hint}")
+        if args["render"] not in (None, "overlay", "heatmap"):
+            raise InputError(f"render must be overlay or heatmap, got '{args['render']}'")
+        png = wants_png(request, args["format"])
+        info = await directory.resolve(args["model"], ("classification",),
+                                       settings.default_classification_model)
+        params = {k: args[k] for k in ("method", "target", "layer", "patch", "stride",
+                                       "top_k") if args[k] is not None}
+        if png:
+            params["render"] = args["render"] or "overlay"
+        result, body = await run_job(request, info, params, data, args["timeout_s"])
+        if png:
+            return Response(body, media_type="image/png")
+        return JSONResponse({"model": info.name, **result})
+
     @app.post("/classify-video", response_model=ClassifyVideoResponse,
               openapi_extra=VIDEO_BODY,
               responses={**ERRORS, 202: {"model": JobAccepted,
@@ -433,6 +486,19 @@ def create_app(settings: Settings, queue: JobQueue,
                                 f"{', '.join(models) or 'none'})")
         return models[name]
 
+    @app.get("/models/{name}/filters.png", responses={
+        200: {"content": {"image/png": {}}, "description": "The first layer's filters"},
+        404: ERRORS[404]})
+    async def get_filters(request: Request, name: str) -> Response:
+        """The first convolution's filters as an image grid (worker/filters.py): RGB tiles
+        for 2-D filters on colour input, a row of frames per filter for 3-D ones."""
+        models = await directory.models()
+        if name not in models:
+            raise ModelNotFound(f"model '{name}' is not served by any live worker (served: "
+                                f"{', '.join(models) or 'none'})")
+        _, body = await run_job(request, models[name], {}, b"", None, task="filters")
+        return Response(body, media_type="image/png")
+
     @app.get("/healthz")
     async def healthz() -> dict[str, str]:
         return {"status": "ok"}
@@ -492,7 +558,8 @@ _FIELD_TYPES: dict[str, Callable[[str], Any]] = {
     "score_threshold": float, "max_detections": int, "timeout_s": float,
     "clip_len": int, "frame_rate": float, "frame_stride": int, "num_clips": int,
     "clip_stride_s": float, "top_k": int, "nms_iou": float, "max_segments": int,
-    "clips": _form_bool, "localize": _form_bool, "async": _form_bool}
+    "clips": _form_bool, "localize": _form_bool, "async": _form_bool, "patch": int,
+    "stride": int}
 
 
 def _merge_form(query: dict[str, Any], fields: dict[str, str]) -> dict[str, Any]:
@@ -522,4 +589,5 @@ def _merge_form(query: dict[str, Any], fields: dict[str, str]) -> dict[str, Any]
 _FIELD_RANGES: dict[str, tuple[float, float]] = {
     "score_threshold": (0, 1), "max_detections": (1, 1000), "clip_len": (1, 512),
     "frame_rate": (1e-6, 240), "frame_stride": (1, 1000), "num_clips": (1, 1000),
-    "top_k": (1, 100), "nms_iou": (0, 1), "max_segments": (1, 1000)}
+    "top_k": (1, 100), "nms_iou": (0, 1), "max_segments": (1, 1000), "patch": (1, 4096),
+    "stride": (1, 4096)}

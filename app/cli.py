@@ -58,6 +58,7 @@ def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_export(args: argparse.Namespace, settings: Settings) -> int:
+    from cvserve.models.classifiers import RESNETS, export_resnet
     from cvserve.models.export import ExportError, export_detector
     from cvserve.models.segment_export import SEGMENTERS, export_segmenter
     from cvserve.models.video_export import (
@@ -71,7 +72,8 @@ def cmd_export(args: argparse.Namespace, settings: Settings) -> int:
     sizes = tuple(int(b) for b in args.batch_sizes.split(","))
     frame_models = {frame_model_name(arch): arch for arch in FRAME_CLASSIFIERS}
     video_model = args.name in (*VIDEO_CLASSIFIERS, "demo-actions") or args.name in frame_models
-    fmt = args.format or ("onnx" if video_model else "torchscript")
+    classifier = args.name in RESNETS
+    fmt = args.format or ("onnx" if video_model or classifier else "torchscript")
     try:
         if args.name.replace("-", "_") == "efficientnet_lite0":
             from cvserve.models.efficientnet import export_efficientnet_lite0
@@ -85,6 +87,16 @@ def cmd_export(args: argparse.Namespace, settings: Settings) -> int:
             weights = DEMO_ACTIONS if args.weights == "default" else Path(args.weights)
             path = export_demo_actions(settings.model_repository, weights=weights, fmt=fmt,
                                        name=args.as_name or "demo-actions")
+        elif args.name == "demo-classifier":
+            from cvserve.models.classifier_demo import DEMO_CLASSIFIER, export_demo_classifier
+
+            weights = DEMO_CLASSIFIER if args.weights == "default" else Path(args.weights)
+            path = export_demo_classifier(settings.model_repository,
+                                          name=args.as_name or "demo-classifier",
+                                          weights=weights)
+        elif classifier:
+            path = export_resnet(args.name, settings.model_repository, weights=args.weights,
+                                 fmt=fmt, name=args.as_name, check=not args.no_check)
         elif args.name in SEGMENTERS:
             path = export_segmenter(args.name, settings.model_repository, weights=args.weights,
                                     fmt=fmt, name=args.as_name, check=not args.no_check)
@@ -189,7 +201,9 @@ def parser() -> argparse.ArgumentParser:
                                            "R-CNN included), a torchvision semantic "
                                            "segmenter, a torchvision video classifier "
                                            "(Kinetics-400), a single-frame video baseline "
-                                           "or EfficientNet-Lite0 (ImageNet)")
+                                           "or an image classifier for /explain "
+                                           "(a torchvision ResNet, EfficientNet-Lite0 or "
+                                           "the demo classifier)")
     exp.add_argument("name", help="architecture: a detector (e.g. "
                                   "fasterrcnn_mobilenet_v3_large_320_fpn, "
                                   "maskrcnn_resnet50_fpn, keypointrcnn_resnet50_fpn), a "
@@ -199,13 +213,14 @@ def parser() -> argparse.ArgumentParser:
                                   "mvit_v2_s, swin3d_t), an ImageNet classifier run on each "
                                   "frame of a video (resnet18-frames, resnet50-frames, "
                                   "mobilenet_v3_small-frames, mobilenet_v3_large-frames), "
-                                  "efficientnet_lite0 or demo-actions (the shipped demo "
-                                  "action classifier)")
+                                  "efficientnet_lite0, an image classifier (resnet18, "
+                                  "resnet50, ... the ResNet family), demo-classifier or "
+                                  "demo-actions (the shipped demo classifiers)")
     exp.add_argument("--weights", default="default",
                      help="default (pretrained, downloaded) | random | PATH to a checkpoint")
     exp.add_argument("--format", default=None, choices=("onnx", "torchscript"),
-                     help="default: onnx for video classifiers and -frames models, "
-                          "torchscript for the others")
+                     help="default: onnx for image and video classifiers and -frames "
+                          "models, torchscript for the others")
     exp.add_argument("--as", dest="as_name", default=None, help="model name (default: NAME)")
     exp.add_argument("--batch-sizes", default="1,2,4",
                      help="detectors, ONNX: one graph per batch size")

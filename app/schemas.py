@@ -179,6 +179,43 @@ class ErrorResponse(BaseModel):
     error: ErrorDetail
 
 
+class ExplainTarget(BaseModel):
+    label: str
+    class_id: int
+    score: float = Field(description="The class's probability for this image")
+
+
+class Heatmap(BaseModel):
+    """Where the evidence for the target lies: rows of values in [0, 1] (1: the strongest)
+    over `region` of the image, row 0 at its top; cell (i, j) covers the i-th of `shape[0]`
+    equal bands of the region's height and the j-th of its width (occlusion: the patch
+    positions, `stride` model pixels apart)."""
+
+    shape: list[int]
+    data: list[list[float]]
+    region: list[float] = Field(description="x1, y1, x2, y2 in original pixels: the part "
+                                            "of the image the model saw (a centre crop)")
+
+
+class OcclusionInfo(BaseModel):
+    patch: int = Field(description="Square patch side, model input pixels")
+    stride: int
+    positions: int = Field(description="Occluded copies run (batched)")
+
+
+class ExplainResponse(BaseModel):
+    model: str
+    method: str
+    layer: str | None = Field(None, description="gradcam, gradcam++, guided-gradcam: the "
+                                                "module whose activations were used")
+    target: ExplainTarget
+    top: list[ExplainTarget] = Field(description="The top_k classes, best first")
+    heatmap: Heatmap
+    image: ImageSize
+    occlusion: OcclusionInfo | None = None
+    timing: Timing
+
+
 class ModelInfo(BaseModel):
     name: str
     task: str
@@ -197,6 +234,10 @@ class ModelInfo(BaseModel):
     thresholds: dict[str, Any] = Field(default_factory=dict)
     video: dict[str, Any] | None = Field(None, description="video models: clip sampling "
                                                           "and layout")
+    explain: dict[str, Any] | None = Field(None, description="classifiers: how /explain "
+                                                             "rebuilds the eager module")
+    explain_methods: list[str] = Field(default_factory=list,
+                                       description="classifiers: the /explain methods served")
     batch_sizes: list[int] | None = None
     batching_policy: dict[str, Any] = Field(
         default_factory=dict, description="The measured throughput by batch size and the "

@@ -45,6 +45,7 @@ class Settings(BaseSettings):
     default_detection_model: str | None = None
     default_segmentation_model: str | None = None
     default_video_model: str | None = None
+    default_classification_model: str | None = None  # /explain
     auto_build_default: bool = Field(
         default=True, description="Build a detector when none exists (and a segmenter on a "
                                   "first start); pretrained when online, else random")

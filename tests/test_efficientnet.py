@@ -6,6 +6,7 @@ from __future__ import annotations
 import warnings
 from pathlib import Path
 
+import httpx
 import numpy as np
 import onnxruntime as ort
 import pytest
@@ -16,7 +17,7 @@ from cvserve.models.efficientnet import build_eager, export_efficientnet_lite0
 from cvserve.models.export import ExportError
 from cvserve.worker.repository import load_config
 
-from .conftest import SHARED
+from .conftest import SHARED, embedded_service
 
 # cvserve.models.efficientnet imports without them; building the model needs both.
 pytest.importorskip("efficientnet_lite_pytorch", reason="EfficientNet-Lite0 tests need "
@@ -134,3 +135,28 @@ def test_an_artifact_failing_its_check_is_not_written(tmp_path: Path,
     with pytest.raises(ExportError, match="disagrees with the eager model"):
         export_efficientnet_lite0(tmp_path / "repo", "onnx")
     assert not (tmp_path / "repo").exists()
+
+
+def test_served_through_explain_a_bear_and_where_it_is(repo: Path,
+                                                      tmp_path: Path) -> None:
+    """Through the HTTP API: /explain's answer has a bear in its top 5, and CAM from the
+    ONNX artifact's feature map agrees with Grad-CAM on the eager package model at the
+    same layer (equal up to scale on a GAP + linear head)."""
+    if not BEAR_PHOTO.is_file():
+        pytest.skip(f"no test photo at {BEAR_PHOTO} (the shared testdata folder is absent)")
+    data = BEAR_PHOTO.read_bytes()
+    env = {"CVSERVE_MODEL_REPOSITORY": str(repo), "CVSERVE_MODELS": '["lite0-onnx"]'}
+    with embedded_service(env, tmp_path) as svc:
+        answers = {m: httpx.post(f"{svc.url}/explain", params={"method": m},
+                                 files={"file": data}, timeout=120)
+                   for m in ("gradcam", "cam")}
+    for method, r in answers.items():
+        assert r.status_code == 200, (method, r.text)
+        body = r.json()
+        top5 = {t["label"] for t in body["top"]}
+        assert BEARS & top5, f"no bear in the top 5: {body['top']}"
+        assert body["target"]["label"] == "brown bear" and body["target"]["score"] > 0.9
+        assert body["heatmap"]["shape"] == [7, 7]
+    grad = np.array(answers["gradcam"].json()["heatmap"]["data"])
+    cam = np.array(answers["cam"].json()["heatmap"]["data"])
+    assert np.corrcoef(grad.ravel(), cam.ravel())[0, 1] >= 0.99

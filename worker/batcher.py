@@ -29,6 +29,7 @@ from cvserve.app.errors import (
     BackendError,
     CvserveError,
     DeadlineExceeded,
+    InputError,
     UnsupportedMedia,
 )
 from cvserve.app.queue import Job, JobQueue, Reply, now_ms
@@ -125,6 +126,9 @@ class ModelRunner(StreamIntake):
             for job in jobs:
                 if job.expired:
                     self._reply_error(job, self._expired(job))
+                    continue
+                if job.task == "filters":  # GET /models/{name}/filters.png: not a batch item
+                    self._spawn(self._answer_filters(job))
                     continue
                 if self.streaming:
                     self._open(job)
@@ -324,6 +328,20 @@ class ModelRunner(StreamIntake):
         result["timing"] = {k: round(v, 2) for k, v in item.timing_ms.items()}
         metrics.REQUEST_SUCCESS.labels(self.name).inc()
         await self._send(item.job, Reply(item.job.id, result=result, body=body))
+
+    async def _answer_filters(self, job: Job) -> None:
+        from .filters import render_filters
+
+        loop = asyncio.get_running_loop()
+        try:
+            png = await loop.run_in_executor(self.pool, render_filters, self.task)
+        except Exception as exc:
+            log.warning("%s: no filter image: %r", self.name, exc)
+            err = InputError(f"model {self.name} has no first-layer filters to show: {exc}")
+            await self._send(job, Reply(job.id, error_code=err.code,
+                                        error_message=err.message))
+            return
+        await self._send(job, Reply(job.id, result={}, body=png))
 
     # --- replies -----------------------------------------------------------------------
     def _spawn(self, coro: Any) -> None:

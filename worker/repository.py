@@ -146,6 +146,18 @@ class OutputSpec(BaseModel):
     features: str | None = None  # classification: output holding the last feature map (CAM)
 
 
+class ExplainSpec(BaseModel):
+    """How /explain rebuilds a classifier's eager module (gradient methods need autograd):
+    the model's `architecture`, its state dict, and the layers the methods use."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    # State dict in the model folder; None: the architecture brings its own weights.
+    weights: str | None = None
+    layer: str  # Grad-CAM's default layer: a dotted module path of the eager module
+    head: str  # the nn.Linear after global average pooling (CAM's class weights)
+
+
 class BatchingSpec(BaseModel):
     """Triton's dynamic-batching knobs (docs/design.md §3)."""
 
@@ -211,6 +223,7 @@ class ModelConfig(BaseModel):
     input: InputSpec = InputSpec()
     output: OutputSpec = OutputSpec()
     video: VideoSpec | None = None  # video tasks: clip sampling and layout
+    explain: ExplainSpec | None = None  # classifiers: the eager module for /explain
     batching: BatchingSpec = BatchingSpec()
     thresholds: Thresholds = Thresholds()
     path: Path = Path(".")
@@ -268,6 +281,7 @@ class ModelConfig(BaseModel):
             "output": self.output.model_dump(mode="json"),
             "batching": self.batching.model_dump(mode="json"),
             **({"video": self.video.model_dump(mode="json")} if self.video else {}),
+            **({"explain": self.explain.model_dump(mode="json")} if self.explain else {}),
             "thresholds": self.thresholds.model_dump(mode="json"),
         }
 

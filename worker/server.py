@@ -16,6 +16,7 @@ from cvserve.app.settings import Settings
 from .backend import load_backend
 from .batcher import ModelRunner, batch_limit
 from .detection import DetectionTask
+from .explain import ExplainTask
 from .policy import warm_up
 from .repository import ModelConfig, ModelRepository, load_config
 from .segmentation import SemanticTask
@@ -27,6 +28,7 @@ log = logging.getLogger("cvserve.worker")
 TASKS: dict[str, type[Task]] = {"detection": DetectionTask,
                                 "instance-segmentation": DetectionTask,
                                 "semantic-segmentation": SemanticTask,
+                                "classification": ExplainTask,
                                 "video-classification": VideoTask,
                                 "temporal-localization": VideoTask}
 # What a fresh install serves for /segment (the smallest torchvision segmenter: 3.2 M
@@ -35,6 +37,8 @@ DEFAULT_SEGMENTER = "lraspp_mobilenet_v3_large"
 # And for /classify-video: torchvision's R3D-18 (Kinetics-400) when it downloads.
 DEFAULT_VIDEO_CLASSIFIER = "r3d_18"
 VIDEO_TASKS = ("video-classification", "temporal-localization")
+# And for /explain: torchvision's ResNet-50 (ImageNet-1k) when it downloads.
+DEFAULT_CLASSIFIER = "resnet50"
 
 
 def default_worker_id() -> str:
@@ -147,6 +151,24 @@ def build_default_video_model(settings: Settings) -> ModelConfig:
     return load_config(export_demo_actions(repo, weights=DEMO_ACTIONS))
 
 
+def build_default_classifier(settings: Settings) -> ModelConfig:
+    """/explain's classifier: torchvision's pretrained ResNet-50 when it downloads, else the
+    project's demo classifier (shipped weights; it knows the four synthetic shapes)."""
+    from cvserve.models.classifier_demo import export_demo_classifier
+    from cvserve.models.classifiers import export_resnet
+    from cvserve.models.export import ExportError
+
+    repo = settings.model_repository
+    log.warning("no image classifier in %s: building one for /explain", repo)
+    try:
+        return load_config(export_resnet(DEFAULT_CLASSIFIER, repo, weights="default"))
+    except ExportError as exc:
+        log.warning("%s", exc)
+    log.warning("serving the demo classifier (trained on generated shapes: circle, square, "
+                "triangle, star; see models/demo/README.md)")
+    return load_config(export_demo_classifier(repo))
+
+
 def build_task(cfg: ModelConfig, settings: Settings) -> Task:
     if cfg.task not in TASKS:
         raise ValueError(f"model {cfg.name}: task '{cfg.task}' is not served yet "
@@ -194,7 +216,9 @@ class Worker:
     def info(self) -> WorkerInfo:
         return WorkerInfo(self.worker_id, {
             name: {**r.task.cfg.describe(), **r.task.backend.describe(),
-                   "batching_policy": r.policy.describe()}
+                   "batching_policy": r.policy.describe(),
+                   **({"explain_methods": r.task.methods()}
+                      if hasattr(r.task, "methods") else {})}
             for name, r in self.runners.items()})
 
     async def _announce(self) -> None:
