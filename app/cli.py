@@ -87,13 +87,6 @@ def cmd_export(args: argparse.Namespace, settings: Settings) -> int:
             weights = DEMO_ACTIONS if args.weights == "default" else Path(args.weights)
             path = export_demo_actions(settings.model_repository, weights=weights, fmt=fmt,
                                        name=args.as_name or "demo-actions")
-        elif args.name == "demo-classifier":
-            from cvserve.models.classifier_demo import DEMO_CLASSIFIER, export_demo_classifier
-
-            weights = DEMO_CLASSIFIER if args.weights == "default" else Path(args.weights)
-            path = export_demo_classifier(settings.model_repository,
-                                          name=args.as_name or "demo-classifier",
-                                          weights=weights)
         elif classifier:
             path = export_resnet(args.name, settings.model_repository, weights=args.weights,
                                  fmt=fmt, name=args.as_name, check=not args.no_check)
@@ -202,8 +195,7 @@ def parser() -> argparse.ArgumentParser:
                                            "segmenter, a torchvision video classifier "
                                            "(Kinetics-400), a single-frame video baseline "
                                            "or an image classifier for /explain "
-                                           "(a torchvision ResNet, EfficientNet-Lite0 or "
-                                           "the demo classifier)")
+                                           "(a torchvision ResNet or EfficientNet-Lite0)")
     exp.add_argument("name", help="architecture: a detector (e.g. "
                                   "fasterrcnn_mobilenet_v3_large_320_fpn, "
                                   "maskrcnn_resnet50_fpn, keypointrcnn_resnet50_fpn), a "
@@ -214,8 +206,8 @@ def parser() -> argparse.ArgumentParser:
                                   "frame of a video (resnet18-frames, resnet50-frames, "
                                   "mobilenet_v3_small-frames, mobilenet_v3_large-frames), "
                                   "efficientnet_lite0, an image classifier (resnet18, "
-                                  "resnet50, ... the ResNet family), demo-classifier or "
-                                  "demo-actions (the shipped demo classifiers)")
+                                  "resnet50, ... the ResNet family) or demo-actions (the "
+                                  "shipped demo action classifier)")
     exp.add_argument("--weights", default="default",
                      help="default (pretrained, downloaded) | random | PATH to a checkpoint")
     exp.add_argument("--format", default=None, choices=("onnx", "torchscript"),

@@ -177,13 +177,8 @@ def build_eager(architecture: str | None, model_dir: Path, weights_file: str | N
 
         net = build_lite0()[0]
     else:
-        from . import classifier_demo
-
-        if architecture != classifier_demo.ARCH:
-            known = ", ".join((*RESNETS, "efficientnet_lite0", classifier_demo.ARCH))
-            raise ValueError(f"no eager module for architecture '{architecture}' (known: "
-                             f"{known})")
-        net = classifier_demo.DemoClassifier()
+        raise ValueError(f"no eager module for architecture '{architecture}' (known: "
+                         f"{', '.join(RESNETS)}, efficientnet_lite0)")
     if state is not None:
         net.load_state_dict(state)
     return net.eval()

