@@ -28,6 +28,8 @@ from .errors import (
     JobNotFound,
     ModelNotFound,
     Overloaded,
+    PayloadTooLarge,
+    UnsupportedMedia,
     from_code,
 )
 from .media import VideoLimits, probe_image, probe_video
@@ -358,6 +360,8 @@ def create_app(settings: Settings, queue: JobQueue,
         layer: str | None = Query(None, description="gradcam / gradcam++ / guided-gradcam: "
                                                     "a dotted module path (default: the "
                                                     "model's last conv block)"),
+        num_clips: int | None = Query(None, ge=1, le=32, description="a video: clips "
+                                                                    "explained (default 1)"),
         patch: int | None = Query(None, ge=1, le=4096, description="occlusion: patch side "
                                                                    "in model input pixels"),
         stride: int | None = Query(None, ge=1, le=4096, description="occlusion: step"),
@@ -368,12 +372,14 @@ def create_app(settings: Settings, queue: JobQueue,
         format: str | None = Query(None, description="json (default) or png"),
         timeout_s: float | None = Query(None, gt=0),
     ) -> Response:
-        data, fields = await read_upload(request, settings.upload_bytes)
+        data, fields = await read_upload(
+            request, max(settings.upload_bytes, settings.video_upload_bytes),
+            "CVSERVE_UPLOAD_BYTES / CVSERVE_VIDEO_UPLOAD_BYTES")
         args = _merge_form({"model": model, "method": method, "target": target,
-                            "layer": layer, "patch": patch, "stride": stride,
-                            "top_k": top_k, "render": render, "format": format,
-                            "timeout_s": timeout_s}, fields)
-        probe_image(data, settings.image_pixels)
+                            "layer": layer, "num_clips": num_clips, "patch": patch,
+                            "stride": stride, "top_k": top_k, "render": render,
+                            "format": format, "timeout_s": timeout_s}, fields)
+        video = await _image_or_video(data, settings)
         if args["method"] is not None and args["method"] not in EXPLAIN_METHODS:
             hint = (" ('+' in a query string is a space: write method=gradcam%2B%2B)"
                     if args["method"].rstrip() == "gradcam" else "")
@@ -382,10 +388,20 @@ def create_app(settings: Settings, queue: JobQueue,
         if args["render"] not in (None, "overlay", "heatmap"):
             raise InputError(f"render must be overlay or heatmap, got '{args['render']}'")
         png = wants_png(request, args["format"])
-        info = await directory.resolve(args["model"], ("classification",),
-                                       settings.default_classification_model)
-        params = {k: args[k] for k in ("method", "target", "layer", "patch", "stride",
+        if args["model"] is not None:  # any explainable model; the media must fit it
+            info = await directory.resolve(args["model"], ("classification", *VIDEO_TASKS),
+                                           None)
+        elif video:
+            info = await directory.resolve(None, VIDEO_TASKS, settings.default_video_model)
+        else:
+            info = await directory.resolve(None, ("classification",),
+                                           settings.default_classification_model)
+        if video != (info.task in VIDEO_TASKS):
+            raise InputError(f"model '{info.name}' is a {info.task} model: send "
+                             f"{'a video' if info.task in VIDEO_TASKS else 'an image'}")
+        params = {k: args[k] for k in ("target", "layer", "num_clips", "patch", "stride",
                                        "top_k") if args[k] is not None}
+        params["method"] = args["method"] or "gradcam"  # also what tells a video model
         if png:
             params["render"] = args["render"] or "overlay"
         result, body = await run_job(request, info, params, data, args["timeout_s"])
@@ -517,6 +533,24 @@ def create_app(settings: Settings, queue: JobQueue,
         return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
     return app
+
+
+async def _image_or_video(data: bytes, settings: Settings) -> bool:
+    """/explain takes both: True for a video. 413 / 415 before anything is queued, each
+    kind held to its own limits."""
+    try:
+        probe_image(data, settings.image_pixels)
+    except UnsupportedMedia as not_image:
+        try:
+            await asyncio.to_thread(probe_video, data, VideoLimits.from_settings(settings))
+        except UnsupportedMedia as not_video:
+            raise UnsupportedMedia(f"{not_image.message}; nor a video: "
+                                   f"{not_video.message}") from None
+        return True
+    if len(data) > settings.upload_bytes:
+        raise PayloadTooLarge(f"the image is {len(data)} bytes; the limit is "
+                              f"CVSERVE_UPLOAD_BYTES={settings.upload_bytes}")
+    return False
 
 
 def _instance_params(args: dict[str, Any]) -> dict[str, Any]:

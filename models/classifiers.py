@@ -35,6 +35,8 @@ RESNETS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "resnex
            "resnext101_32x8d", "resnext101_64x4d", "wide_resnet50_2", "wide_resnet101_2")
 # ImageNet preprocessing as torchvision's classification presets do it: shorter side to
 # 256 (antialiased bilinear), centre crop 224, mean / std.
+# torchvision's 3-D ResNets (Kinetics-400): `layer4` then `fc` after global pooling too.
+VIDEO_RESNETS = ("r3d_18", "mc3_18", "r2plus1d_18")
 IMAGENET_INPUT = {"layout": "NCHW", "color": "RGB", "scale": 1 / 255,
                   "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225],
                   "resize": "center-crop", "size": [224, 224], "resize_shorter": 256,
@@ -165,20 +167,25 @@ def verify(net: nn.Module, artifact: Path) -> str:
 
 def build_eager(architecture: str | None, model_dir: Path, weights_file: str | None,
                 num_classes: int) -> nn.Module:
-    """The eager module of a served classifier, for /explain's gradient methods: forward
-    gives the logits the artifact gives."""
+    """The eager module of a served image or video classifier, for /explain's gradient
+    methods: forward gives the logits the artifact gives."""
     state = None
     if weights_file is not None:
         state = torch.load(model_dir / weights_file, map_location="cpu", weights_only=True)
-    if architecture in RESNETS:
+    if architecture in (*RESNETS, *VIDEO_RESNETS):
         net = torchvision.models.get_model(architecture, weights=None, num_classes=num_classes)
     elif architecture == "efficientnet_lite0":
         from .efficientnet import build_eager as build_lite0
 
         net = build_lite0()[0]
+    elif architecture == "c3d_small":
+        from .c3d import C3D
+
+        net = C3D(num_classes)
     else:
         raise ValueError(f"no eager module for architecture '{architecture}' (known: "
-                         f"{', '.join(RESNETS)}, efficientnet_lite0)")
+                         f"{', '.join((*RESNETS, *VIDEO_RESNETS))}, efficientnet_lite0, "
+                         "c3d_small)")
     if state is not None:
         net.load_state_dict(state)
     return net.eval()

@@ -294,7 +294,10 @@ def export_demo_actions(repository: Path, weights: Path = DEMO_ACTIONS, fmt: str
             "weights": f"demo ({Path(weights).name}, trained on models/synthetic_video.py)",
             "weights_kind": "demo", "labels": "labels.txt",
             "inputs": ["video"], "outputs": ["logits"],
-        }, {"input": INPUT, "output": OUTPUT, "video": VIDEO, "batching": BATCHING})
+        }, {"input": INPUT, "output": OUTPUT, "video": VIDEO, "batching": BATCHING,
+            # /explain's Grad-CAM over time: conv4b's output (the end of `features`)
+            "explain": {"weights": "weights.pt", "layer": "features", "head": "head.2"}})
+        torch.save(model.state_dict(), out / "weights.pt")
         return move_into_place(out, repository, name)
 
 

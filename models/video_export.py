@@ -32,6 +32,7 @@ from torch import nn
 from torchvision.models import WeightsEnum
 from torchvision.transforms import InterpolationMode
 
+from .classifiers import VIDEO_RESNETS
 from .export import (
     ExportError,
     _quiet_exporters,
@@ -324,13 +325,17 @@ def export_video_classifier(arch: str, repository: Path, *, weights: str = "defa
             log.info("checked %s against the eager model: %s", name,
                      verify(model, out / file, check_clips(arch, recipe.clip_len, seed=seed)))
         (out / "labels.txt").write_text("\n".join(labels) + "\n")
+        sections = {"input": input_spec(arch), "output": OUTPUT, "video": video_spec(arch),
+                    "batching": BATCHING}
+        if arch in VIDEO_RESNETS:  # /explain's Grad-CAM over time: the eager module's state
+            torch.save(model.state_dict(), out / "weights.pt")
+            sections["explain"] = {"weights": "weights.pt", "layer": "layer4", "head": "fc"}
         write_model_toml(out / "model.toml", {
             "task": "video-classification", "backend": fmt, "file": file,
             "architecture": arch, "weights": provenance,
             "weights_kind": weights_kind(weights), "labels": "labels.txt",
             "inputs": ["video"], "outputs": ["logits"],
-        }, {"input": input_spec(arch), "output": OUTPUT, "video": video_spec(arch),
-            "batching": BATCHING})
+        }, sections)
         return move_into_place(out, repository, name)
 
 

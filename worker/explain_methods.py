@@ -27,7 +27,7 @@ EPS = 1e-7  # pytorch-grad-cam's scale_cam_image
 
 
 def scale(maps: torch.Tensor) -> torch.Tensor:
-    """# [B, h, w] -> [B, h, w] in [0, 1], per map: (x - min) / (max(x - min) + 1e-7)."""
+    """# [B, ...] -> [B, ...] in [0, 1], per map: (x - min) / (max(x - min) + 1e-7)."""
     flat = maps.flatten(1)
     flat = flat - flat.min(dim=1, keepdim=True).values
     flat = flat / (flat.max(dim=1, keepdim=True).values + EPS)
@@ -89,17 +89,19 @@ def gradcam(net: nn.Module, x: torch.Tensor, targets: list[int | None], layer: s
             plus: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Grad-CAM (Selvaraju et al.): channel weights are the gradients' spatial mean.
     Grad-CAM++ (Chattopadhyay et al.), as pytorch-grad-cam computes it: weights are the
-    positive gradients weighted by alpha = g^2 / (2 g^2 + sum(A) g^3).
-    -> (maps [B, h, w], logits [B, C], targets [B])"""
+    positive gradients weighted by alpha = g^2 / (2 g^2 + sum(A) g^3). A video model's
+    layer gives [B, K, t, h, w] and its maps are over time too.
+    -> (maps [B, h, w] or [B, t, h, w], logits [B, C], targets [B])"""
     a, g, logits, chosen = layer_gradients(net, x, targets, layer)
+    space = tuple(range(2, a.ndim))
     if plus:
         g2 = g.pow(2)
-        alpha = g2 / (2 * g2 + a.sum(dim=(2, 3), keepdim=True) * g2 * g + 1e-6)
+        alpha = g2 / (2 * g2 + a.sum(dim=space, keepdim=True) * g2 * g + 1e-6)
         alpha = torch.where(g != 0, alpha, torch.zeros_like(alpha))
-        weights = (g.clamp(min=0) * alpha).sum(dim=(2, 3))
+        weights = (g.clamp(min=0) * alpha).sum(dim=space)
     else:
-        weights = g.mean(dim=(2, 3))
-    maps = (weights[:, :, None, None] * a).sum(dim=1).clamp(min=0)
+        weights = g.mean(dim=space)
+    maps = (weights.view(*weights.shape, *[1] * len(space)) * a).sum(dim=1).clamp(min=0)
     return scale(maps), logits, chosen
 
 
