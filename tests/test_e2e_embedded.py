@@ -79,7 +79,8 @@ def test_health_and_readiness(embedded: Service) -> None:
     assert httpx.get(f"{embedded.url}/readyz").status_code == 200
 
 
-def test_fresh_repository_serves_demo_models_a_segmenter_and_a_classifier_offline(tmp_path: Path) -> None:
+def test_fresh_repository_serves_demo_models_a_segmenter_and_a_classifier_offline(
+        tmp_path: Path) -> None:
     # An unreachable proxy stands for "offline": the pretrained download fails at once.
     env = {"CVSERVE_MODEL_REPOSITORY": str(tmp_path / "models"), "TORCH_HOME": str(tmp_path),
            "HTTPS_PROXY": "http://127.0.0.1:9", "https_proxy": "http://127.0.0.1:9"}
