@@ -76,6 +76,7 @@ VIDEO_TASKS = ("video-classification", "temporal-localization")
 # worker/explain.py's METHODS (the api imports no worker code: it runs without torch).
 EXPLAIN_METHODS = ("gradcam", "gradcam++", "cam", "saliency", "guided-backprop",
                    "guided-gradcam", "occlusion")
+EXPLAINABLE = ("classification", *VIDEO_TASKS, "detection", "instance-segmentation")
 
 
 def error_response(err: CvserveError, request_id: str | None = None) -> JSONResponse:
@@ -351,10 +352,12 @@ def create_app(settings: Settings, queue: JobQueue,
               responses={**ERRORS, 200: {"content": {"image/png": {}}}})
     async def explain(
         request: Request,
-        model: str | None = Query(None, description="An image classification model; default: "
-                                                    "the best served"),
+        model: str | None = Query(None, description="An image classifier (the default: the "
+                                                    "best served), a video model (the "
+                                                    "default for a video) or a detector"),
         method: str | None = Query(None, description=f"{' | '.join(EXPLAIN_METHODS)} "
-                                                     "(default gradcam)"),
+                                                     "(default gradcam; detectors: "
+                                                     "occlusion; video: gradcam, gradcam++)"),
         target: str | None = Query(None, description="Class id or label to explain "
                                                      "(default: the top-1)"),
         layer: str | None = Query(None, description="gradcam / gradcam++ / guided-gradcam: "
@@ -362,6 +365,10 @@ def create_app(settings: Settings, queue: JobQueue,
                                                     "model's last conv block)"),
         num_clips: int | None = Query(None, ge=1, le=32, description="a video: clips "
                                                                     "explained (default 1)"),
+        score_threshold: float | None = Query(None, ge=0, le=1, description="a detector: "
+                                              "the detections explained score at least this"),
+        max_detections: int | None = Query(None, ge=1, le=100, description="a detector: at "
+                                           "most this many explained (default 5)"),
         patch: int | None = Query(None, ge=1, le=4096, description="occlusion: patch side "
                                                                    "in model input pixels"),
         stride: int | None = Query(None, ge=1, le=4096, description="occlusion: step"),
@@ -376,7 +383,9 @@ def create_app(settings: Settings, queue: JobQueue,
             request, max(settings.upload_bytes, settings.video_upload_bytes),
             "CVSERVE_UPLOAD_BYTES / CVSERVE_VIDEO_UPLOAD_BYTES")
         args = _merge_form({"model": model, "method": method, "target": target,
-                            "layer": layer, "num_clips": num_clips, "patch": patch,
+                            "layer": layer, "num_clips": num_clips,
+                            "score_threshold": score_threshold,
+                            "max_detections": max_detections, "patch": patch,
                             "stride": stride, "top_k": top_k, "render": render,
                             "format": format, "timeout_s": timeout_s}, fields)
         video = await _image_or_video(data, settings)
@@ -389,8 +398,7 @@ def create_app(settings: Settings, queue: JobQueue,
             raise InputError(f"render must be overlay or heatmap, got '{args['render']}'")
         png = wants_png(request, args["format"])
         if args["model"] is not None:  # any explainable model; the media must fit it
-            info = await directory.resolve(args["model"], ("classification", *VIDEO_TASKS),
-                                           None)
+            info = await directory.resolve(args["model"], EXPLAINABLE, None)
         elif video:
             info = await directory.resolve(None, VIDEO_TASKS, settings.default_video_model)
         else:
@@ -399,9 +407,12 @@ def create_app(settings: Settings, queue: JobQueue,
         if video != (info.task in VIDEO_TASKS):
             raise InputError(f"model '{info.name}' is a {info.task} model: send "
                              f"{'a video' if info.task in VIDEO_TASKS else 'an image'}")
-        params = {k: args[k] for k in ("target", "layer", "num_clips", "patch", "stride",
-                                       "top_k") if args[k] is not None}
-        params["method"] = args["method"] or "gradcam"  # also what tells a video model
+        detector = info.task in ("detection", "instance-segmentation")
+        params = {k: args[k] for k in ("target", "layer", "num_clips", "score_threshold",
+                                       "max_detections", "patch", "stride", "top_k")
+                  if args[k] is not None}
+        # Also what tells a video model or a detector that the job is an explanation.
+        params["method"] = args["method"] or ("occlusion" if detector else "gradcam")
         if png:
             params["render"] = args["render"] or "overlay"
         result, body = await run_job(request, info, params, data, args["timeout_s"])

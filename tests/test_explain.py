@@ -162,8 +162,11 @@ def test_every_method_answers_a_map_of_the_crop(service: Service) -> None:
         assert grid.min() >= 0 and grid.max() == pytest.approx(1, abs=1e-3), method
         # Shorter side 240 -> 256 (x 16/15), a 224 crop: 210 x 210 original pixels from
         # the middle (the crop's left edge rounds to column 58 of 341 resized ones).
-        assert body["heatmap"]["region"] == pytest.approx([54.4, 15.0, 264.6, 225.0],
-                                                          abs=0.1)
+        # Occlusion's 6 x 6 cells are centred on the 64-px patches, 32 px apart: they tile
+        # input pixels 16-208 of the crop.
+        expected = ([69.4, 30.0, 249.6, 210.0] if method == "occlusion"
+                    else [54.4, 15.0, 264.6, 225.0])
+        assert body["heatmap"]["region"] == pytest.approx(expected, abs=0.1)
         assert body["image"] == {"width": 320, "height": 240}
         assert len(body["top"]) == 3 and body["top"][0]["class_id"] == body["target"][
             "class_id"]
@@ -244,9 +247,11 @@ def test_png_answers(service: Service) -> None:
     assert np.array_equal(overlay[:, :54], original[:, :54])
     assert np.array_equal(overlay[:14], original[:14])
     assert np.abs(overlay[16:224, 56:264].astype(int) - original[16:224, 56:264]).mean() > 10
-    r = explain(service, data, method="saliency", format="png", render="heatmap")
-    assert r.status_code == 200 and r.headers["content-type"] == "image/png"
-    assert Image.open(io.BytesIO(r.content)).size == (320, 240)
+    for method in ("saliency", "occlusion"):
+        r = explain(service, data, method=method, format="png", render="heatmap",
+                    patch=64, stride=32)
+        assert r.status_code == 200 and r.headers["content-type"] == "image/png"
+        assert Image.open(io.BytesIO(r.content)).size == (320, 240)
 
 
 @pytest.mark.parametrize(("params", "status", "says"), [

@@ -76,6 +76,9 @@ class ModelRunner(StreamIntake):
                                                thread_name_prefix=f"model-{self.name}")
         self.ready: deque[Prepared] = deque()  # oldest first
         self.streaming = isinstance(task, StreamingTask)
+        # A task whose some jobs are streams (a detector's /explain: an occlusion's
+        # copies), the others plain items: task.opens_stream(job) tells them apart.
+        self.mixed = not self.streaming and hasattr(task, "opens_stream")
         self.streams: deque[Stream] = deque()  # open jobs with items left to prepare
         self.decoding = 0  # jobs opened and not yet exhausted (streaming tasks)
         self._readied = asyncio.Event()
@@ -103,7 +106,7 @@ class ModelRunner(StreamIntake):
 
     def _job_room(self) -> int:
         room = self.capacity - self._held()
-        if self.streaming:  # each open job decodes one item at a time
+        if self.streaming or self.mixed:  # each open job decodes one item at a time
             room = min(room, self.capacity - self.decoding)
         return room
 
@@ -130,7 +133,7 @@ class ModelRunner(StreamIntake):
                 if job.task == "filters":  # GET /models/{name}/filters.png: not a batch item
                     self._spawn(self._answer_filters(job))
                     continue
-                if self.streaming:
+                if self.streaming or (self.mixed and self.task.opens_stream(job)):
                     self._open(job)
                     continue
                 self._preparing += 1
@@ -177,7 +180,7 @@ class ModelRunner(StreamIntake):
                     break
                 self._take(batch, key)
         self._room.set()
-        if self.streaming:
+        if self.streams:
             self._feed()
         live = []
         for item in batch:
@@ -266,10 +269,14 @@ class ModelRunner(StreamIntake):
             self._running -= 1
         infer_s = time.perf_counter() - t0
         self._count_batch(len(batch), infer_s)
-        if self.streaming:
-            self._collect(batch, outputs, infer_s)
-            return
+        streamed = [(item, out) for item, out in zip(batch, outputs, strict=True)
+                    if item.stream is not None]
+        if streamed:
+            self._collect([item for item, _ in streamed], [out for _, out in streamed],
+                          infer_s)
         for item, output in zip(batch, outputs, strict=True):
+            if item.stream is not None:
+                continue
             item.timing_ms["queue"] = max(
                 0.0, start_ms - item.job.enqueued_ms - item.timing_ms["preprocess"])
             item.timing_ms["inference"] = infer_s * 1000

@@ -39,6 +39,7 @@ from torchvision.models.detection.transform import (
 from cvserve.app.queue import Job
 
 from . import decoders
+from .detection_explain import DetectionExplainer
 from .gpu import Staged, decode_rgb_on, is_cuda, record_ready, staging
 from .imaging import decode_rgb, encode_png
 from .masks import COCO_SKELETON, encode_rle, mask_polygons, paste_masks, render_instances
@@ -51,7 +52,7 @@ from .torchscript_backend import TorchScriptBackend
 EXTRA_OUTPUTS = ("masks", "keypoints", "keypoint_scores")
 
 
-class DetectionTask(Task):
+class DetectionTask(DetectionExplainer, Task):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         spec = self.cfg.input
@@ -77,6 +78,19 @@ class DetectionTask(Task):
             return self._prepare_on_device(job)
         image, info = decode_rgb(job.payload, self.settings.image_pixels)
         keep = image if job.params.get("render") == "png" else None
+        return self.prepare_image(job, image, info, keep)
+
+    def prepare_image(self, job: Job, image: torch.Tensor, info: Any,
+                      keep: torch.Tensor | None = None) -> Prepared:
+        """A decoded image (# [3, H, W] uint8 on the host) as the model's input; on a GPU
+        it moves there and is staged as prepare() stages it."""
+        if self.on_device:
+            device = self.backend.device
+            with staging(device):
+                x = self._rcnn_input(image.to(device, non_blocking=True))
+                staged = Staged({"image": x}, record_ready())
+            return Prepared(job, staged, {"original_size": (info.height, info.width),
+                                          "resized_size": tuple(x.shape[-2:]), "image": keep})
         if not self.rcnn:
             x, geometry = preprocess(image, self.cfg.input)
             return Prepared(job, x, {"original_size": (info.height, info.width),

@@ -26,6 +26,7 @@ from cvserve.app.errors import InputError
 from cvserve.app.queue import Job
 
 from . import explain_methods as em
+from .detection_explain import grid_region
 from .imaging import decode_rgb, encode_png
 from .preprocess import Geometry, preprocess
 from .task import Prepared, Stream, StreamingTask
@@ -209,8 +210,10 @@ class ExplainTask(StreamingTask):
         geometry: Geometry = meta["geometry"]
         render = p.get("render")
         if render in ("overlay", "heatmap"):
+            cells = (grid_region(meta["patch"], meta["stride"], meta["grid"])
+                     if method == "occlusion" else None)
             return {}, encode_png(self.render(heat, geometry, meta["image"],
-                                              overlay=render == "overlay"))
+                                              overlay=render == "overlay", cells=cells))
         top_k = int(p.get("top_k") or 5)
         order = np.argsort(-scores, kind="stable")[:top_k]
         grid = pool_grid(heat)
@@ -224,7 +227,8 @@ class ExplainTask(StreamingTask):
                      "score": round(float(scores[i]), 6)} for i in order],
             "heatmap": {"shape": list(grid.shape),
                         "data": np.round(grid, 4).tolist(),
-                        "region": region(geometry)},
+                        "region": (occlusion_region(meta, geometry) if method == "occlusion"
+                                   else region(geometry))},
             "image": {"width": width, "height": height},
         }
         if method == "occlusion":
@@ -251,22 +255,25 @@ class ExplainTask(StreamingTask):
         return grid / top if top > 0 else grid
 
     def render(self, heat: np.ndarray, geometry: Geometry, image: torch.Tensor | None,
-               overlay: bool) -> torch.Tensor:
+               overlay: bool, cells: list[float] | None = None) -> torch.Tensor:
         """The heatmap on the original image's pixels (JET colours), over the image at
         half opacity (`overlay`) or alone; outside the model's view (a centre crop's
-        margins) the map is zero. # -> [3, H, W] uint8"""
+        margins) the map is zero. `cells`: the input-pixel rectangle the grid tiles, when
+        not the whole input (occlusion's patch centres). # -> [3, H, W] uint8"""
         in_h, in_w = geometry.input_hw
-        full = em.upsample(torch.from_numpy(np.asarray(heat, dtype=np.float32))[None],
-                           (in_h, in_w))
+        grid = torch.from_numpy(np.asarray(heat, dtype=np.float32))[None]
+        if cells is None:
+            full = em.upsample(grid, (in_h, in_w))
+        else:
+            x1, y1, x2, y2 = (int(round(v)) for v in cells)
+            full = torch.zeros(1, in_h, in_w)
+            full[:, y1:y2, x1:x2] = em.upsample(grid, (y2 - y1, x2 - x1))
         mapped = geometry.map_to_original(full, mode="bilinear")[0]
         h, w = geometry.original_hw
         x1, y1, x2, y2 = region(geometry)
         inside = torch.zeros(h, w, dtype=torch.bool)
         inside[max(0, int(y1)):int(np.ceil(y2)), max(0, int(x1)):int(np.ceil(x2))] = True
-        mapped = torch.where(inside, mapped, torch.zeros_like(mapped)).clamp(0, 1)
-        levels = (mapped.numpy() * 255).astype(np.uint8)
-        colour = cv2.applyColorMap(levels, cv2.COLORMAP_JET)[:, :, ::-1]  # BGR -> RGB
-        colour = torch.from_numpy(np.ascontiguousarray(colour)).permute(2, 0, 1)
+        colour = colour_map(torch.where(inside, mapped, torch.zeros_like(mapped)))
         if not overlay or image is None:
             return colour.contiguous()
         blend = (0.5 * image.float() + 0.5 * colour.float()).round().clamp(0, 255)
@@ -279,6 +286,15 @@ class ExplainTask(StreamingTask):
         for job in jobs:
             job.params = {"method": "occlusion"}
         return jobs
+
+
+def colour_map(heat: torch.Tensor) -> torch.Tensor:
+    """# [..., H, W] values in [0, 1] -> [..., 3, H, W] uint8 RGB, OpenCV's JET colours."""
+    levels = (heat.clamp(0, 1).numpy() * 255).astype(np.uint8)
+    flat = levels.reshape(-1, *levels.shape[-2:])
+    rgb = np.stack([cv2.applyColorMap(m, cv2.COLORMAP_JET)[:, :, ::-1] for m in flat])
+    out = torch.from_numpy(np.ascontiguousarray(rgb)).permute(0, 3, 1, 2)
+    return out.reshape(*levels.shape[:-2], 3, *levels.shape[-2:])
 
 
 def pool_grid(heat: np.ndarray, limit: int = MAX_GRID) -> np.ndarray:
@@ -294,6 +310,15 @@ def pool_grid(heat: np.ndarray, limit: int = MAX_GRID) -> np.ndarray:
     pooled = torch.nn.functional.adaptive_avg_pool2d(t, size)[0, 0].numpy()
     top = pooled.max()
     return pooled / top if top > 0 else pooled
+
+
+def occlusion_region(meta: dict[str, Any], geometry: Geometry) -> list[float]:
+    """What an occlusion grid's cells tile (centres at the patch centres), in original
+    pixels: worker/detection_explain.grid_region in the model input, mapped back."""
+    x1, y1, x2, y2 = grid_region(meta["patch"], meta["stride"], meta["grid"])
+    (sx, sy), (ox, oy) = geometry.scale_xy, geometry.offset_xy
+    return [round(v, 2) for v in ((x1 - ox) / sx, (y1 - oy) / sy, (x2 - ox) / sx,
+                                  (y2 - oy) / sy)]
 
 
 def region(geometry: Geometry) -> list[float]:

@@ -52,7 +52,7 @@ class StreamIntake:
         raise NotImplementedError
 
     def _open(self, job: Job) -> None:
-        assert isinstance(self.task, StreamingTask)
+        assert isinstance(self.task, StreamingTask) or hasattr(self.task, "opens_stream")
         self._preparing += 1
         self.decoding += 1
         opened_ms = now_ms()

@@ -353,13 +353,11 @@ def thumbnails(clip: np.ndarray) -> torch.Tensor:
 def overlay_strip(frames: torch.Tensor, maps: np.ndarray, overlay: bool) -> torch.Tensor:
     """One clip as a row of its frames, each with its heatmap (JET) over it at half opacity
     (or alone). # [T, 3, h, w] uint8, [T, mh, mw] -> [3, h, T * w] uint8"""
-    import cv2
+    from .explain import colour_map
 
     t, _, h, w = frames.shape
     heat = torch.nn.functional.interpolate(torch.from_numpy(maps)[:, None], size=(h, w),
                                            mode="bilinear", align_corners=False)[:, 0]
-    levels = (heat.clamp(0, 1).numpy() * 255).astype(np.uint8)
-    colour = torch.from_numpy(np.stack([cv2.applyColorMap(m, cv2.COLORMAP_JET)[:, :, ::-1]
-                                        for m in levels])).permute(0, 3, 1, 2)
+    colour = colour_map(heat)
     out = (0.5 * frames.float() + 0.5 * colour.float()) if overlay else colour.float()
     return out.round().clamp(0, 255).byte().permute(1, 2, 0, 3).reshape(3, h, t * w)
