@@ -409,3 +409,29 @@ def test_detection_task_on_cuda_equals_cpu(demo_cfg: ModelConfig, no_tf32: None)
         found[device] = [{k: torch.from_numpy(v) for k, v in task.run([item])[0].items()}
                          for item in items]
     assert_same_detections(found["cpu"], found["cuda"], box_px=0.5, score_tol=1e-3)
+
+
+@needs_cuda
+def test_explainer_on_cuda_equals_cpu(no_tf32: None) -> None:
+    """/explain's gradient methods on the GPU (the eager module on the worker's device)
+    give the CPU's maps and targets, batched."""
+    import torchvision
+
+    from cvserve.models.export import scene_batch
+    from cvserve.worker.explain_methods import Explainer
+
+    torch.manual_seed(0)
+    net = torchvision.models.resnet18(num_classes=10).eval()
+    x = scene_batch(3, n=2, size=128)
+    maps = {}
+    for device in ("cpu", "cuda"):
+        explainer = Explainer(net, device, head="fc", layer="layer4")
+        for method in ("gradcam", "gradcam++", "saliency", "guided-backprop",
+                       "guided-gradcam"):
+            m, logits, chosen = explainer.run(method, x, [3, None], "layer4")
+            maps[device, method] = (m.cpu(), chosen.cpu())
+        net = net.cpu()  # Explainer moved it; the next device starts from the CPU
+    for method in ("gradcam", "gradcam++", "saliency", "guided-backprop", "guided-gradcam"):
+        (a, ta), (b, tb) = maps["cpu", method], maps["cuda", method]
+        assert torch.equal(ta, tb), method
+        torch.testing.assert_close(a, b, atol=2e-3, rtol=0, msg=method)
