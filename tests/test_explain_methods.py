@@ -3,8 +3,8 @@
 
 Each batch mixes a given target with a top-1 one (None), and every item of our batched result
 must equal the reference run on that item alone, so batching is covered too. Models: a
-torchvision resnet18 with random weights and calibrated BatchNorm (layer4, layer3), and the
-demo classifier (features.stage4) when its weights have been trained.
+torchvision resnet18 with random weights and calibrated BatchNorm (layer4, layer3), and a
+small GAP + linear CNN (features.stage4), likewise.
 """
 
 from __future__ import annotations
@@ -20,7 +20,6 @@ from pytorch_grad_cam import GradCAM, GradCAMPlusPlus, GuidedBackpropReLUModel
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 from torch import nn
 
-from cvserve.models import classifier_demo
 from cvserve.models.classifiers import normalize_imagenet
 from cvserve.models.export import calibrate_batchnorm, scene_batch
 from cvserve.models.synthetic import make_scene
@@ -42,7 +41,8 @@ MAP_ATOL = 1e-4  # the [0, 1] maps agree to float32 rounding (1e-6 seen), not ju
 RESNET_SIZE = (128, 96)  # width, height: not square, so a swapped H / W shows
 RESNET_TARGETS: list[int | None] = [7, None]  # 7 is no item's top-1; None asks for the top-1
 OTHER_TARGET = 500  # a class the resnet18 is not asked about (the negative controls')
-DEMO_TARGETS: list[int | None] = [2, None]  # triangle, top-1
+SMALL_TARGETS: list[int | None] = [2, None]  # a given class, top-1
+SMALL_SIZE = 128
 
 
 @dataclass
@@ -117,16 +117,35 @@ def resnet18_case() -> Case:
                 layer="layer4")
 
 
+class SmallGapCnn(nn.Module):
+    """Four stride-2 stages of 3x3 conv + BatchNorm + ReLU, global average pooling and one
+    linear layer: a second architecture, with named nested stages."""
+
+    def __init__(self, classes: int = 4) -> None:
+        super().__init__()
+
+        def stage(cin: int, cout: int) -> nn.Sequential:
+            return nn.Sequential(nn.Conv2d(cin, cout, 3, stride=2, padding=1, bias=False),
+                                 nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
+
+        self.features = nn.Sequential()
+        for name, (cin, cout) in zip(("stage1", "stage2", "stage3", "stage4"),
+                                     ((3, 24), (24, 48), (48, 96), (96, 128)), strict=True):
+            self.features.add_module(name, stage(cin, cout))
+        self.fc = nn.Linear(128, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.features(x).mean((2, 3)))
+
+
 @pytest.fixture(scope="module")
-def demo_case() -> Case:
-    if not classifier_demo.DEMO_CLASSIFIER.is_file():
-        pytest.skip(f"no demo classifier weights at {classifier_demo.DEMO_CLASSIFIER}; train "
-                    "them with `python -m cvserve.models.classifier_demo`")
-    size = classifier_demo.INPUT_SIZE
-    images = (scenes(range(21, 23), size, size) * 255).round().to(torch.uint8)
-    net = classifier_demo.load_demo_classifier().requires_grad_(False)
-    return Case(net, classifier_demo.normalize(images), DEMO_TARGETS, head="fc",
-                layer=classifier_demo.EXPLAIN_LAYER)
+def small_case() -> Case:
+    torch.manual_seed(1)
+    net = SmallGapCnn()
+    calibrate_batchnorm(net, normalize_imagenet(scene_batch(5, n=8, size=SMALL_SIZE)))
+    images = normalize_imagenet(scenes(range(21, 23), SMALL_SIZE, SMALL_SIZE))
+    return Case(net.eval().requires_grad_(False), images, SMALL_TARGETS, head="fc",
+                layer="features.stage4")
 
 
 @pytest.fixture
@@ -135,10 +154,10 @@ def case(request: pytest.FixtureRequest, model: str) -> Case:
 
 
 LAYERS = pytest.mark.parametrize("model, layer", [
-    ("resnet18", "layer4"), ("resnet18", "layer3"), ("demo", "features.stage4")])
+    ("resnet18", "layer4"), ("resnet18", "layer3"), ("small", "features.stage4")])
 LAST_LAYERS = pytest.mark.parametrize("model, layer", [
-    ("resnet18", "layer4"), ("demo", "features.stage4")])
-MODELS = pytest.mark.parametrize("model", ["resnet18", "demo"])
+    ("resnet18", "layer4"), ("small", "features.stage4")])
+MODELS = pytest.mark.parametrize("model", ["resnet18", "small"])
 
 
 @LAYERS
