@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -198,3 +199,16 @@ def iou(a: dict, b: dict) -> float:
     union = ((a["x2"] - a["x1"]) * (a["y2"] - a["y1"]) + (b["x2"] - b["x1"]) * (b["y2"] - b["y1"])
              - inter)
     return inter / union if union > 0 else 0.0
+
+
+def batch_counts(url: str, model: str) -> tuple[float, float]:
+    """(model executions, items run) so far: the cvserve_inference_batch_size histogram's
+    count and sum for one model, from a service's /metrics."""
+    text = httpx.get(f"{url}/metrics").text
+
+    def value(name: str) -> float:
+        m = re.search(rf'^cvserve_inference_batch_size_{name}{{model="{model}"}} (\S+)', text,
+                      re.M)
+        return float(m.group(1)) if m else 0.0
+
+    return value("count"), value("sum")

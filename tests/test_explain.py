@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import io
-import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -36,7 +35,7 @@ from cvserve.worker.imaging import decode_rgb
 from cvserve.worker.preprocess import preprocess
 from cvserve.worker.repository import load_config
 
-from .conftest import Service, embedded_service
+from .conftest import Service, batch_counts, embedded_service
 
 ARCH = "resnet18"
 BATCHING = """[batching]
@@ -177,12 +176,12 @@ def test_every_method_answers_a_map_of_the_crop(service: Service) -> None:
 def test_occlusion_equals_an_eager_sweep_and_runs_batched(service: Service, repo: Path,
                                                           eager: torch.nn.Module) -> None:
     data = photo(21, 300, 300)
-    before = batch_histogram(service)
+    before = batch_counts(service.url, ARCH)
     r = explain(service, data, method="occlusion", patch=56, stride=28)
     assert r.status_code == 200, r.text
     body = r.json()
     assert body["occlusion"] == {"patch": 56, "stride": 28, "positions": 49}
-    after = batch_histogram(service)
+    after = batch_counts(service.url, ARCH)
     runs, jobs = after[0] - before[0], after[1] - before[1]
     assert jobs == 50 and runs < 50 / 2, "the occluded copies ran in batches"
     # The reference: every occluded copy through the eager model, the target's drop.
@@ -202,22 +201,10 @@ def test_occlusion_equals_an_eager_sweep_and_runs_batched(service: Service, repo
     np.testing.assert_allclose(np.array(body["heatmap"]["data"]), expected, atol=0.005)
 
 
-def batch_histogram(service: Service) -> tuple[float, float]:
-    """(model executions, jobs run) so far, from /metrics."""
-    text = httpx.get(f"{service.url}/metrics").text
-
-    def value(name: str) -> float:
-        m = re.search(rf'^cvserve_inference_batch_size_{name}{{model="{ARCH}"}} (\S+)', text,
-                      re.M)
-        return float(m.group(1)) if m else 0.0
-
-    return value("count"), value("sum")
-
-
 def test_concurrent_requests_batch_and_equal_single_ones(service: Service) -> None:
     images = [photo(30 + i) for i in range(6)]
     single = [explain(service, d, method="saliency").json() for d in images]
-    before = batch_histogram(service)
+    before = batch_counts(service.url, ARCH)
 
     async def all_at_once() -> list[httpx.Response]:
         async with httpx.AsyncClient(timeout=120) as client:
@@ -226,7 +213,7 @@ def test_concurrent_requests_batch_and_equal_single_ones(service: Service) -> No
                 for d in images))
 
     together = asyncio.run(all_at_once())
-    after = batch_histogram(service)
+    after = batch_counts(service.url, ARCH)
     assert after[1] - before[1] == 6 and after[0] - before[0] < 6, "requests batched"
     for one, r in zip(single, together, strict=True):
         assert r.status_code == 200, r.text

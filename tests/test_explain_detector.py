@@ -7,7 +7,6 @@ scenes says whether each map points at its object.
 from __future__ import annotations
 
 import io
-import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,7 +20,7 @@ from torchvision.ops import box_iou
 from cvserve.models.export import build_eager, export_detector
 from cvserve.models.synthetic import make_scene
 
-from .conftest import DEMO_CHECKPOINT, Service, embedded_service, pin_batching
+from .conftest import DEMO_CHECKPOINT, Service, batch_counts, embedded_service, pin_batching
 
 MODEL = "demo-detector"
 FILL = (124, 116, 104)
@@ -115,21 +114,10 @@ def test_each_map_points_at_its_object(service: Service) -> None:
     assert hits >= 0.8 * total, f"{hits} of {total} maps point at their object"
 
 
-def batch_histogram(service: Service) -> tuple[float, float]:
-    text = httpx.get(f"{service.url}/metrics").text
-
-    def value(name: str) -> float:
-        m = re.search(rf'^cvserve_inference_batch_size_{name}{{model="{MODEL}"}} (\S+)', text,
-                      re.M)
-        return float(m.group(1)) if m else 0.0
-
-    return value("count"), value("sum")
-
-
 def test_copies_batch_and_detect_is_unchanged_beside_them(service: Service) -> None:
     photo = make_scene(31, 320, 240).jpeg()
     alone = httpx.post(f"{service.url}/detect", files={"file": photo}, timeout=60).json()
-    before = batch_histogram(service)
+    before = batch_counts(service.url, MODEL)
     with httpx.Client(timeout=300) as client:
         import concurrent.futures as cf
 
@@ -139,7 +127,7 @@ def test_copies_batch_and_detect_is_unchanged_beside_them(service: Service) -> N
                                     files={"file": photo}) for _ in range(3)]
             assert explained.result().status_code == 200
             answers = [d.result().json() for d in detected]
-    after = batch_histogram(service)
+    after = batch_counts(service.url, MODEL)
     runs, items = after[0] - before[0], after[1] - before[1]
     assert items >= 3 + 1 + 100 and runs < items / 2, "the occluded copies ran in batches"
     for answer in answers:

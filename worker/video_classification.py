@@ -135,18 +135,7 @@ class VideoTask(StreamingTask):
             raise InputError(f"model {self.cfg.name}: {exc.args[0]}") from exc
         if p.get("localize"):
             raise InputError("localize does not apply to /explain")
-        target = p.get("target")
-        if target is not None and str(target) != "":
-            text = str(target)
-            if text.isdigit() and int(text) < len(self.labels):
-                target = int(text)
-            elif text in self.labels:
-                target = self.labels.index(text)
-            else:
-                raise InputError(f"target '{text}' is neither a class id (0 .. "
-                                 f"{len(self.labels) - 1}) nor a label of {self.cfg.name}")
-        else:
-            target = None
+        target = em.parse_target(p.get("target"), self.labels, self.cfg.name)
         return {"method": method, "layer": layer, "target": target,
                 "render": p.get("render")}
 
