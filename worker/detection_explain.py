@@ -26,7 +26,7 @@ from torchvision.utils import draw_bounding_boxes
 from cvserve.app.errors import InputError
 from cvserve.app.queue import Job
 
-from .explain_methods import grid_region, occlusion_plan
+from .explain_methods import grid_json, grid_region, occlusion_plan
 from .imaging import encode_png
 from .task import Prepared, Stream
 
@@ -123,7 +123,7 @@ class DetectionExplainer:
                                                         p.get("render") == "overlay"))
         for detection, heat in zip(base, maps, strict=True):
             detection["heatmap"] = {"shape": list(heat.shape),
-                                    "data": np.round(heat, 4).tolist(), "region": region}
+                                    "data": grid_json(heat), "region": region}
         return {"method": "occlusion", "detections": base,
                 "image": {"width": info.width, "height": info.height},
                 "occlusion": {"patch": meta["patch"], "stride": meta["stride"],

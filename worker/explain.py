@@ -195,7 +195,7 @@ class ExplainTask(StreamingTask):
             "top": [{"label": self.label(int(i)), "class_id": int(i),
                      "score": round(float(scores[i]), 6)} for i in order],
             "heatmap": {"shape": list(grid.shape),
-                        "data": np.round(grid, 4).tolist(),
+                        "data": em.grid_json(grid),
                         "region": (occlusion_region(meta, geometry) if method == "occlusion"
                                    else region(geometry))},
             "image": {"width": width, "height": height},

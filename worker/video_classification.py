@@ -258,7 +258,7 @@ class VideoTask(StreamingTask):
                            "score": round(float(out["probs"][target]), 6)},
                 "frames": [{"time_s": round(start + t / rate, 3),
                             "heatmap": {"shape": list(frames[t].shape),
-                                        "data": np.round(frames[t], 4).tolist()}}
+                                        "data": em.grid_json(frames[t])}}
                            for t in range(len(frames))]})
             if explain["render"]:
                 strips.append(overlay_strip(meta["frames"][index], frames,
