@@ -137,8 +137,7 @@ def test_an_artifact_failing_its_check_is_not_written(tmp_path: Path,
     assert not (tmp_path / "repo").exists()
 
 
-def test_served_through_explain_a_bear_and_where_it_is(repo: Path,
-                                                      tmp_path: Path) -> None:
+def test_served_through_explain_a_bear_in_the_top5(repo: Path, tmp_path: Path) -> None:
     """Through the HTTP API: /explain's answer has a bear in its top 5, and CAM from the
     ONNX artifact's feature map agrees with Grad-CAM on the eager package model at the
     same layer (equal up to scale on a GAP + linear head)."""
