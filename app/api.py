@@ -12,12 +12,13 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from dataclasses import replace
 from typing import Any
 
 from fastapi import FastAPI, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from prometheus_client import CONTENT_TYPE_LATEST, Counter, Histogram, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -33,6 +34,7 @@ from .errors import (
     from_code,
 )
 from .media import VideoLimits, probe_image, probe_video
+from .metrics import CLIENT_DISCONNECTS, HTTP_REQUESTS, HTTP_SECONDS, exposition
 from .queue import Job, JobQueue, WorkerInfo, now_ms
 from .schemas import (
     ClassifyVideoResponse,
@@ -49,14 +51,6 @@ from .settings import Settings
 from .uploads import read_upload
 
 log = logging.getLogger("cvserve.api")
-
-HTTP_REQUESTS = Counter("cvserve_http_requests", "HTTP requests by endpoint and status",
-                        ["endpoint", "method", "status"])
-CLIENT_DISCONNECTS = Counter("cvserve_http_client_disconnects",
-                             "Requests whose client left before the answer", ["task"])
-HTTP_SECONDS = Histogram("cvserve_http_request_duration_seconds", "HTTP latency by endpoint",
-                         ["endpoint", "method"],
-                         buckets=(.005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30, 60))
 
 IMAGE_BODY = {"requestBody": {"required": True, "content": {
     "multipart/form-data": {"schema": {"type": "object", "required": ["file"], "properties": {
@@ -541,7 +535,15 @@ def create_app(settings: Settings, queue: JobQueue,
 
     @app.get("/metrics", include_in_schema=False)
     async def metrics() -> Response:
-        return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+        try:
+            models = await directory.models()
+            stats = await queue.stats(list(models))
+            stats = {name: replace(s, workers=len(models[name].workers))
+                     for name, s in stats.items()}
+        except Exception as exc:  # the scrape still answers the HTTP metrics
+            log.warning("/metrics: could not read the queue: %s", exc)
+            stats = {}
+        return Response(exposition(stats), media_type=CONTENT_TYPE_LATEST)
 
     return app
 

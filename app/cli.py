@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import sys
+import tempfile
 from pathlib import Path
 
 from .settings import Settings
@@ -18,9 +20,11 @@ def _serve(settings: Settings, app: object, workers: int = 1, loop: str = "auto"
 
     if workers > 1:
         uvicorn.run("cvserve.app.main:api_from_env", factory=True, host=settings.host,
-                    port=settings.port, workers=workers, log_level="info")
+                    port=settings.port, workers=workers, log_level="info",
+                    timeout_graceful_shutdown=settings.shutdown_grace_s)
     else:
-        uvicorn.run(app, host=settings.host, port=settings.port, log_level="info", loop=loop)
+        uvicorn.run(app, host=settings.host, port=settings.port, log_level="info", loop=loop,
+                    timeout_graceful_shutdown=settings.shutdown_grace_s)
 
 
 def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
@@ -42,8 +46,27 @@ def cmd_api(args: argparse.Namespace, settings: Settings) -> int:
         print("cvserve api: set CVSERVE_REDIS_URL (e.g. redis://127.0.0.1:6379/0); "
               "`cvserve run` serves without Redis", file=sys.stderr)
         return 2
+    if args.workers > 1:
+        multiprocess_metrics()
     _serve(settings, None if args.workers > 1 else api_from_env(), args.workers)
     return 0
+
+
+def multiprocess_metrics() -> None:
+    """Several api processes answer /metrics as one (app/metrics.py): each writes its
+    samples under PROMETHEUS_MULTIPROC_DIR, set here before uvicorn starts them so that
+    they inherit it. A folder given by the deployment is emptied first: samples left by
+    an earlier run would be added to this one's."""
+    folder = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if folder:
+        path = Path(folder)
+        path.mkdir(parents=True, exist_ok=True)
+        for old in path.glob("*.db"):
+            old.unlink()
+    else:
+        folder = tempfile.mkdtemp(prefix="cvserve-metrics-")
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = folder
+    logging.getLogger("cvserve").info("api processes share their metrics through %s", folder)
 
 
 def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:

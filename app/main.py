@@ -24,6 +24,7 @@ def make_queue(settings: Settings, consumer: str | None = None) -> JobQueue:
 
 def embedded_app(settings: Settings) -> FastAPI:
     """api + worker in one process over one queue (in-memory, or Redis when configured)."""
+    from cvserve.worker.metrics import register_gpu_metrics
     from cvserve.worker.server import Worker, default_worker_id, serving_configs
 
     # One name for both roles: the consumer that holds jobs in Redis is the worker that
@@ -31,6 +32,7 @@ def embedded_app(settings: Settings) -> FastAPI:
     worker_id = default_worker_id()
     queue = make_queue(settings, consumer=worker_id)
     worker = Worker(settings, queue, serving_configs(settings), worker_id=worker_id)
+    register_gpu_metrics()  # the worker's metrics are this process's /metrics
     return create_app(settings, queue, on_startup=worker.start, on_shutdown=worker.stop)
 
 
@@ -54,9 +56,15 @@ async def run_worker(settings: Settings) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    if settings.worker_metrics_port:
+    if settings.worker_metrics_port:  # from the start: the warm-up's measurements too
         from prometheus_client import start_http_server
+
+        from cvserve.worker.metrics import register_gpu_metrics
+
+        register_gpu_metrics()
         start_http_server(settings.worker_metrics_port, addr=settings.host)
+        log.info("worker metrics on http://%s:%d/metrics", settings.host,
+                 settings.worker_metrics_port)
     await worker.start()
     if not worker.runners:
         log.error("no model could be loaded; the worker has nothing to serve")

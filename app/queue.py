@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import Overloaded
+from .metrics import QueueStats
 
 
 def now_ms() -> int:
@@ -187,6 +188,10 @@ class JobQueue(ABC):
         """Jobs queued or in flight for a model."""
 
     @abstractmethod
+    async def stats(self, models: list[str]) -> dict[str, QueueStats]:
+        """Each model's queue for /metrics (`workers` left 0: the api counts those)."""
+
+    @abstractmethod
     async def workers(self) -> list[WorkerInfo]:
         """Live workers and the models they serve."""
 
@@ -235,7 +240,7 @@ class MemoryQueue(JobQueue):
         super().__init__(max_queue, retry_after_s, job_ttl_s)
         self._records: dict[str, tuple[dict[str, Any], float]] = {}  # id -> (record, expiry)
         self._jobs: dict[str, deque[Job]] = {}
-        self._in_flight: dict[str, int] = {}
+        self._in_flight: dict[str, dict[str, int]] = {}  # model -> job id -> enqueued_ms
         self._arrived: dict[str, asyncio.Event] = {}
         self._workers: dict[str, tuple[WorkerInfo, float]] = {}
         self._cancelled: dict[str, int] = {}  # job id -> its deadline (then forgotten)
@@ -251,7 +256,16 @@ class MemoryQueue(JobQueue):
         self._event(job.model).set()
 
     async def depth(self, model: str) -> int:
-        return len(self._jobs.get(model, ())) + self._in_flight.get(model, 0)
+        return len(self._jobs.get(model, ())) + len(self._in_flight.get(model, ()))
+
+    async def stats(self, models: list[str]) -> dict[str, QueueStats]:
+        out = {}
+        for model in models:
+            times = [*self._in_flight.get(model, {}).values(),
+                     *(job.enqueued_ms for job in self._jobs.get(model, ()))]
+            oldest = (now_ms() - min(times)) / 1000 if times else None
+            out[model] = QueueStats(len(times), oldest, dead=0, workers=0)
+        return out
 
     async def fetch(self, model: str, count: int, block_ms: int) -> list[Job]:
         jobs = self._jobs.setdefault(model, deque())
@@ -263,11 +277,11 @@ class MemoryQueue(JobQueue):
             except TimeoutError:
                 return []
         taken = [jobs.popleft() for _ in range(min(count, len(jobs)))]
-        self._in_flight[model] = self._in_flight.get(model, 0) + len(taken)
+        self._in_flight.setdefault(model, {}).update((job.id, job.enqueued_ms) for job in taken)
         return taken
 
     async def reply(self, job: Job, reply: Reply) -> None:
-        self._in_flight[job.model] = max(0, self._in_flight.get(job.model, 0) - 1)
+        self._in_flight.get(job.model, {}).pop(job.id, None)
         if job.detached:
             await self._write_record(job.id, finished_record(reply), self.job_ttl_s)
         else:
@@ -303,7 +317,7 @@ class MemoryQueue(JobQueue):
         return {job.id for job in jobs if self._cancelled.pop(job.id, None) is not None}
 
     async def drop(self, job: Job) -> None:
-        self._in_flight[job.model] = max(0, self._in_flight.get(job.model, 0) - 1)
+        self._in_flight.get(job.model, {}).pop(job.id, None)
 
     async def register(self, info: WorkerInfo, ttl_s: float) -> None:
         self._workers[info.worker_id] = (info, time.monotonic() + ttl_s)

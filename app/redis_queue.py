@@ -27,6 +27,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError, ResponseError
 
 from .errors import JobFailed, Overloaded
+from .metrics import DEAD_LETTERED, RECLAIMED, QueueStats
 from .queue import Job, JobQueue, Reply, WorkerInfo, finished_record, now_ms
 from .settings import Settings
 
@@ -206,6 +207,25 @@ class RedisQueue(JobQueue):
     async def depth(self, model: str) -> int:
         return int(await self.redis.xlen(self.s.key("jobs", model)))
 
+    async def stats(self, models: list[str]) -> dict[str, QueueStats]:
+        """Entries are deleted once answered, so a job stream's length is its backlog and
+        its first entry id (milliseconds since the epoch) the oldest job's arrival."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for model in models:
+                pipe.xlen(self.s.key("jobs", model))
+                pipe.xrange(self.s.key("jobs", model), count=1)
+                pipe.xlen(self.s.key("dead", model))
+            found = await pipe.execute()
+        out = {}
+        for i, model in enumerate(models):
+            depth, first, dead = found[3 * i: 3 * i + 3]
+            oldest = None
+            if first:
+                arrived_ms = int(first[0][0].split(b"-")[0])
+                oldest = max(0.0, (now_ms() - arrived_ms) / 1000)
+            out[model] = QueueStats(int(depth), oldest, int(dead), workers=0)
+        return out
+
     async def workers(self) -> list[WorkerInfo]:
         try:
             keys = [k async for k in self.redis.scan_iter(match=self.s.key("workers", "*"),
@@ -284,7 +304,9 @@ class RedisQueue(JobQueue):
             deliveries = int(pending[0]["times_delivered"]) if pending else 1
             if deliveries > self.s.max_deliveries:
                 await self._dead_letter(model, stream, entry_id, fields, deliveries)
+                DEAD_LETTERED.labels(model).inc()
                 continue
+            RECLAIMED.labels(model).inc()
             log.warning("reclaimed job %s of %s (delivery %d)", entry_id.decode(), model,
                         deliveries)
             job = await self._job(stream, entry_id, fields, deliveries)

@@ -90,6 +90,10 @@ class Settings(BaseSettings):
         default=3600, ge=1, description="How long a detached (async) job's status and "
                                         "result stay readable at GET /jobs/{id} after it ends")
 
+    shutdown_grace_s: float = Field(
+        default=30.0, gt=0, description="On SIGTERM the api stops accepting and waits this "
+                                        "long for requests in flight to be answered")
+
     # --- worker ------------------------------------------------------------------------
     decode_threads: int = Field(
         default=0, ge=0, description="Threads that decode, preprocess and postprocess; "

@@ -62,9 +62,10 @@ class ModelRunner(StreamIntake):
         self.max_batch_size = self.policy.max_batch_size
         self.max_queue_delay_s = self.policy.max_queue_delay_ms / 1000
         metrics.POLICY_MAX_BATCH.labels(self.name).set(self.max_batch_size)
-        metrics.POLICY_DELAY.labels(self.name).set(self.policy.max_queue_delay_ms)
+        metrics.POLICY_DELAY.labels(self.name).set(self.policy.max_queue_delay_ms / 1000)
         for size, value in self.policy.throughput.items():
             metrics.BATCH_THROUGHPUT.labels(self.name, str(size)).set(value)
+        metrics.zero(self.name)
         # Batches run at once (Triton's instance count): one model thread each.
         self.instances = self.policy.instances
         self._slots = asyncio.Semaphore(self.instances)
@@ -96,7 +97,9 @@ class ModelRunner(StreamIntake):
         for t in self._tasks:
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        if self._replies:
+        # Batches on the model finish and answer (a finishing batch spawns its replies,
+        # hence the loop); jobs not yet run are handed back by the queue's close.
+        while self._replies:
             await asyncio.gather(*self._replies, return_exceptions=True)
         self.model_thread.shutdown(wait=True)
 
