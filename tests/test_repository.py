@@ -49,3 +49,30 @@ def test_repository_skips_broken_and_unbuilt_models(tmp_path: Path) -> None:
     assert [c.name for c in repo.configs()] == ["ok"]
     with pytest.raises(ModelNotFound, match="have: broken, ok, unbuilt"):
         repo.get("missing")
+
+
+def test_workers_sharing_a_repository_build_the_defaults_in_turn(random_repo: Path,
+                                                                 tmp_path: Path) -> None:
+    """docker-compose's workers share one models volume: while one builds the default
+    models, another waits for it and then serves what it built instead of building the
+    same files over it."""
+    import fcntl
+    import shutil
+    import threading
+
+    from cvserve.app.settings import Settings
+    from cvserve.worker.server import serving_configs
+
+    repo = tmp_path / "models"
+    repo.mkdir()
+    found: list[list[str]] = []
+    with open(repo / ".build.lock", "w") as lock:  # another worker is building
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        waiting = threading.Thread(target=lambda: found.append(
+            [c.name for c in serving_configs(Settings(model_repository=repo))]))
+        waiting.start()
+        waiting.join(1.0)
+        assert waiting.is_alive(), "a second worker built while the first held the lock"
+        shutil.copytree(random_repo / "frcnn-ts", repo / "frcnn-ts")  # what it built
+    waiting.join(60)
+    assert found == [["frcnn-ts"]]

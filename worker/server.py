@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import logging
 import os
 import socket
@@ -49,7 +50,21 @@ def serving_configs(settings: Settings) -> list[ModelConfig]:
     """The models this worker serves: CVSERVE_MODELS, or every built model in the
     repository. With no detector at all, one is built (random weights when offline), and
     on a first start (an empty repository) a semantic segmenter too, so that the quick
-    start answers /detect and /segment."""
+    start answers /detect and /segment.
+
+    Workers that share a repository (docker-compose's replicas over one volume) build in
+    turn: the first builds, the others wait for its lock and then find its models."""
+    try:
+        settings.model_repository.mkdir(parents=True, exist_ok=True)
+        lock = open(settings.model_repository / ".build.lock", "w")
+    except OSError:  # a read-only repository: nothing can be built in it anyway
+        return _serving_configs(settings)
+    with lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return _serving_configs(settings)
+
+
+def _serving_configs(settings: Settings) -> list[ModelConfig]:
     install_from_mirror(settings)
     repo = ModelRepository(settings.model_repository)
     configs = repo.configs()
