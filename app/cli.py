@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import atexit
 import logging
 import os
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -30,6 +32,8 @@ def _serve(settings: Settings, app: object, workers: int = 1, loop: str = "auto"
 def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
     from .main import embedded_app
 
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        multiprocess_metrics()
     mode = "embedded (in-memory queue)" if settings.embedded else f"Redis {settings.redis_url}"
     logging.getLogger("cvserve").info("cvserve run: api + worker in one process, %s", mode)
     # The standard asyncio loop, not uvloop, where the model runs in this process: measured
@@ -46,7 +50,7 @@ def cmd_api(args: argparse.Namespace, settings: Settings) -> int:
         print("cvserve api: set CVSERVE_REDIS_URL (e.g. redis://127.0.0.1:6379/0); "
               "`cvserve run` serves without Redis", file=sys.stderr)
         return 2
-    if args.workers > 1:
+    if args.workers > 1 or os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         multiprocess_metrics()
     _serve(settings, None if args.workers > 1 else api_from_env(), args.workers)
     return 0
@@ -55,8 +59,9 @@ def cmd_api(args: argparse.Namespace, settings: Settings) -> int:
 def multiprocess_metrics() -> None:
     """Several api processes answer /metrics as one (app/metrics.py): each writes its
     samples under PROMETHEUS_MULTIPROC_DIR, set here before uvicorn starts them so that
-    they inherit it. A folder given by the deployment is emptied first: samples left by
-    an earlier run would be added to this one's."""
+    they inherit it. A folder given by the deployment (the api image sets one, whatever
+    --workers says) is made, or emptied: samples left by an earlier run would be added
+    to this one's."""
     folder = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
     if folder:
         path = Path(folder)
@@ -66,6 +71,7 @@ def multiprocess_metrics() -> None:
     else:
         folder = tempfile.mkdtemp(prefix="cvserve-metrics-")
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = folder
+        atexit.register(shutil.rmtree, folder, ignore_errors=True)
     logging.getLogger("cvserve").info("api processes share their metrics through %s", folder)
 
 
@@ -202,6 +208,31 @@ def cmd_train_demo(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def cmd_predict(args: argparse.Namespace, settings: Settings) -> int:
+    from .predict import TASKS, Options, predict
+
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # a line per request: the bar says it
+    params: dict[str, str | float | bool] = {}
+    for item in args.param:
+        key, sep, value = item.partition("=")
+        if not sep:
+            print(f"cvserve predict: --param {item}: expected KEY=VALUE", file=sys.stderr)
+            return 2
+        params[key] = value
+    if args.score_threshold is not None:
+        params["score_threshold"] = args.score_threshold
+    if args.method:
+        params["method"] = args.method
+    if args.localize:
+        params["localize"] = True
+    assert args.task in TASKS
+    return predict(Options(paths=args.paths, task=args.task, model=args.model, url=args.url,
+                           out=Path(args.out), fmt=args.format, concurrency=args.concurrency,
+                           api_key=args.api_key or os.environ.get("CVSERVE_API_KEY"),
+                           coco_gt=Path(args.coco_gt) if args.coco_gt else None,
+                           params=params))
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="cvserve", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -209,6 +240,29 @@ def parser() -> argparse.ArgumentParser:
     api = sub.add_parser("api", help="the HTTP api alone (needs CVSERVE_REDIS_URL)")
     api.add_argument("--workers", type=int, default=1, help="uvicorn processes")
     sub.add_parser("worker", help="a worker alone (needs CVSERVE_REDIS_URL)")
+    pr = sub.add_parser("predict", help="send files and folders to a service, with progress; "
+                                        "results into --out")
+    pr.add_argument("paths", nargs="+", metavar="PATH", help="files and folders (recursive)")
+    pr.add_argument("--task", default="auto", choices=("auto", "detect", "segment",
+                                                       "classify-video", "explain"),
+                    help="auto: detect for images, classify-video for videos (by content)")
+    pr.add_argument("--model", default=None, help="default: the task's default model")
+    pr.add_argument("--url", default=None,
+                    help="a running service; without it the embedded service is started")
+    pr.add_argument("--out", default="predictions", help="folder for the results")
+    pr.add_argument("--format", default="json", choices=("json", "png", "coco"),
+                    help="json: one answer per file; png: the rendering (detect, segment, "
+                         "explain); coco: one COCO results file for detection")
+    pr.add_argument("--concurrency", type=int, default=4, help="requests in flight")
+    pr.add_argument("--score-threshold", type=float, default=None)
+    pr.add_argument("--method", default=None, help="explain method (gradcam, occlusion, ...)")
+    pr.add_argument("--localize", action="store_true", help="videos: action segments too")
+    pr.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
+                    help="any other option of the endpoint (repeatable)")
+    pr.add_argument("--coco-gt", default=None, metavar="JSON",
+                    help="--format coco: take image and category ids from this ground truth "
+                         "(matched by file name and category name)")
+    pr.add_argument("--api-key", default=None, help="default: $CVSERVE_API_KEY")
 
     models = sub.add_parser("models", help="the model repository").add_subparsers(
         dest="models_command", required=True)
@@ -275,7 +329,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         print(f"cvserve: invalid settings: {exc}", file=sys.stderr)
         return 2
-    handlers = {"run": cmd_run, "api": cmd_api, "worker": cmd_worker}
+    handlers = {"run": cmd_run, "api": cmd_api, "worker": cmd_worker, "predict": cmd_predict}
     if args.command == "models":
         handlers = {"export": cmd_export, "list": cmd_list, "pull": cmd_pull,
                     "train-demo": cmd_train_demo, "train-demo-actions": cmd_train_demo_actions}
