@@ -13,11 +13,13 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import FileResponse, JSONResponse
+from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -51,6 +53,8 @@ from .settings import Settings
 from .uploads import read_upload
 
 log = logging.getLogger("cvserve.api")
+
+STATIC = Path(__file__).resolve().parent / "static"  # the web page at / (app/static/)
 
 IMAGE_BODY = {"requestBody": {"required": True, "content": {
     "multipart/form-data": {"schema": {"type": "object", "required": ["file"], "properties": {
@@ -519,6 +523,13 @@ def create_app(settings: Settings, queue: JobQueue,
                                 f"{', '.join(models) or 'none'})")
         _, body = await run_job(request, models[name], {}, b"", None, task="filters")
         return Response(body, media_type="image/png")
+
+    # --- the web page: static files shipped with the package, nothing from a CDN ----------
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+
+    @app.get("/", include_in_schema=False)
+    async def index() -> FileResponse:
+        return FileResponse(STATIC / "index.html", headers={"Cache-Control": "no-cache"})
 
     @app.get("/healthz")
     async def healthz() -> dict[str, str]:
