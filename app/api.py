@@ -51,6 +51,8 @@ from .schemas import (
 )
 from .settings import Settings
 from .uploads import read_upload
+from .v2 import OpenInference
+from .v2 import router as v2_router
 
 log = logging.getLogger("cvserve.api")
 
@@ -183,14 +185,27 @@ def create_app(settings: Settings, queue: JobQueue,
     """The api over a queue. Embedded mode passes the in-process worker's start/stop."""
     directory = ModelDirectory(queue)
 
+    async def submit(info: ModelInfo, params: dict[str, Any], data: bytes,
+                     timeout_s: float | None, task: str | None) -> tuple[dict, bytes | None]:
+        return await execute(queue, settings, info, params, data, timeout_s, task)
+
+    v2 = OpenInference(settings, directory.models, queue.ping, submit)
+
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await queue.start()
         if on_startup is not None:
             await on_startup()
+        grpc_server = None
+        if settings.grpc_port:
+            from .v2_grpc import start
+
+            grpc_server = await start(v2, settings)
         try:
             yield
         finally:
+            if grpc_server is not None:  # calls in flight get the grace period to finish
+                await grpc_server.stop(settings.shutdown_grace_s)
             if on_shutdown is not None:
                 await on_shutdown()
             await queue.close()
@@ -236,38 +251,8 @@ def create_app(settings: Settings, queue: JobQueue,
     async def run_job(request: Request, info: ModelInfo, params: dict[str, Any],
                       data: bytes, timeout_s: float | None, task: str | None = None
                       ) -> tuple[dict, bytes | None]:
-        name, task = info.name, task or info.task
-        timeout = timeout_s if timeout_s is not None else settings.request_timeout_s
-        if not 0 < timeout <= settings.max_request_timeout_s:
-            raise InputError(f"timeout_s must be in (0, {settings.max_request_timeout_s}] "
-                             "(CVSERVE_MAX_REQUEST_TIMEOUT_S)")
-        t0 = time.perf_counter()
-        # The job id is ours, not the client's X-Request-ID: two requests may send the same.
-        job = Job(model=name, task=task, payload=data, params=params,
-                  deadline_ms=now_ms() + int(timeout * 1000),
-                  request_id=request.state.request_id)
-        future = await queue.submit(job)
-        left = asyncio.create_task(client_left(request))
-        try:
-            done, _ = await asyncio.wait({future, left}, timeout=timeout,
-                                         return_when=asyncio.FIRST_COMPLETED)
-            if future not in done:
-                if left not in done:
-                    raise DeadlineExceeded(f"no answer within {timeout:g} s (timeout_s / "
-                                           "CVSERVE_REQUEST_TIMEOUT_S)")
-                # Nobody will read the answer: tell the worker not to run the job.
-                CLIENT_DISCONNECTS.labels(task).inc()
-                await queue.cancel(job)
-                raise ClientGone()
-            reply = future.result()
-        finally:
-            left.cancel()
-            queue.forget(job.id)
-        if not reply.ok:
-            raise from_code(reply.error_code or "internal", reply.error_message or "")
-        result = dict(reply.result or {})
-        result.setdefault("timing", {})["total"] = round((time.perf_counter() - t0) * 1000, 2)
-        return result, reply.body
+        return await execute(queue, settings, info, params, data, timeout_s, task,
+                             request.state.request_id, client_left(request))
 
     def wants_png(request: Request, fmt: str | None) -> bool:
         if fmt is not None:
@@ -524,6 +509,8 @@ def create_app(settings: Settings, queue: JobQueue,
         _, body = await run_job(request, models[name], {}, b"", None, task="filters")
         return Response(body, media_type="image/png")
 
+    app.include_router(v2_router(v2, settings))
+
     # --- the web page: static files shipped with the package, nothing from a CDN ----------
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
 
@@ -557,6 +544,48 @@ def create_app(settings: Settings, queue: JobQueue,
         return Response(exposition(stats), media_type=CONTENT_TYPE_LATEST)
 
     return app
+
+
+async def execute(queue: JobQueue, settings: Settings, info: ModelInfo, params: dict[str, Any],
+                  data: bytes, timeout_s: float | None, task: str | None = None,
+                  request_id: str = "", gone: Awaitable[None] | None = None
+                  ) -> tuple[dict, bytes | None]:
+    """Queue one job and wait for its answer: the result (with its total time) and body.
+    `gone` resolves if the client leaves; the job is then cancelled (ClientGone)."""
+    left = asyncio.ensure_future(gone) if gone is not None else None  # always consumed
+    job = None
+    try:
+        name, task = info.name, task or info.task
+        timeout = timeout_s if timeout_s is not None else settings.request_timeout_s
+        if not 0 < timeout <= settings.max_request_timeout_s:
+            raise InputError(f"timeout_s must be in (0, {settings.max_request_timeout_s}] "
+                             "(CVSERVE_MAX_REQUEST_TIMEOUT_S)")
+        t0 = time.perf_counter()
+        # The job id is ours, not the client's X-Request-ID: two requests may send the same.
+        job = Job(model=name, task=task, payload=data, params=params,
+                  deadline_ms=now_ms() + int(timeout * 1000), request_id=request_id)
+        future = await queue.submit(job)
+        done, _ = await asyncio.wait({future, *([left] if left else [])}, timeout=timeout,
+                                     return_when=asyncio.FIRST_COMPLETED)
+        if future not in done:
+            if left is None or left not in done:
+                raise DeadlineExceeded(f"no answer within {timeout:g} s (timeout_s / "
+                                       "CVSERVE_REQUEST_TIMEOUT_S)")
+            # Nobody will read the answer: tell the worker not to run the job.
+            CLIENT_DISCONNECTS.labels(task).inc()
+            await queue.cancel(job)
+            raise ClientGone()
+        reply = future.result()
+    finally:
+        if left is not None:
+            left.cancel()
+        if job is not None:
+            queue.forget(job.id)
+    if not reply.ok:
+        raise from_code(reply.error_code or "internal", reply.error_message or "")
+    result = dict(reply.result or {})
+    result.setdefault("timing", {})["total"] = round((time.perf_counter() - t0) * 1000, 2)
+    return result, reply.body
 
 
 async def _image_or_video(data: bytes, settings: Settings) -> bool:

@@ -245,6 +245,9 @@ class ModelInfo(BaseModel):
     batch_mode: str = Field("dynamic", description="dynamic | dynamic (made symbolic, "
                                                   "verified) | fixed N | one graph per "
                                                   "batch size")
+    tensors: dict[str, Any] | None = Field(
+        None, description="The model's raw inputs and outputs (name, datatype, shape; -1: "
+                          "any size), as /v2 infer takes and gives them")
     workers: list[str] = Field(default_factory=list, description="Live workers serving it")
 
 

@@ -29,6 +29,9 @@ class Settings(BaseSettings):
     redis_url: str | None = Field(
         default=None, description="Use Redis as the queue; unset = embedded in-memory queue"
     )
+    grpc_port: int | None = Field(
+        default=None, description="Serve the Open Inference Protocol over gRPC on this port "
+                                  "too (REST is always at /v2); unset = no gRPC")
     key_prefix: str = "cvserve"
     api_id: str = Field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}-"
                         f"{uuid.uuid4().hex[:6]}")

@@ -15,6 +15,7 @@ RUN pip install --no-deps . && useradd --system --uid 10001 cvserve
 
 USER cvserve
 # Several api processes share one /metrics through this folder (docs/design.md §6).
-ENV CVSERVE_HOST=0.0.0.0 CVSERVE_PORT=8000 PROMETHEUS_MULTIPROC_DIR=/tmp/cvserve-metrics
-EXPOSE 8000
+ENV CVSERVE_HOST=0.0.0.0 CVSERVE_PORT=8000 CVSERVE_GRPC_PORT=8001 \
+    PROMETHEUS_MULTIPROC_DIR=/tmp/cvserve-metrics
+EXPOSE 8000 8001
 CMD ["cvserve", "api", "--workers", "2"]

@@ -133,7 +133,8 @@ def topology(demo_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Itera
         (tmp / "blocker" / "sitecustomize.py").write_text(BLOCKER)
         api = Proc("api", command("api"), service_env(
             "api", CVSERVE_REDIS_URL=redis_url, CVSERVE_HOST="127.0.0.1",
-            CVSERVE_PORT=str(api_port), PROMETHEUS_MULTIPROC_DIR=str(tmp / "metrics"),
+            CVSERVE_PORT=str(api_port), CVSERVE_GRPC_PORT=str(free_port()),
+            PROMETHEUS_MULTIPROC_DIR=str(tmp / "metrics"),
             PYTHONPATH=str(tmp / "blocker")), tmp / "api.log")
         procs.append(api)
         ports = [free_port(), free_port()]

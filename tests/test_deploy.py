@@ -87,9 +87,9 @@ def test_ports_and_health_checks_point_at_real_endpoints() -> None:
     from cvserve.app.api import create_app
     from cvserve.app.queue import MemoryQueue
 
-    routes = {r.path for r in create_app(Settings(), MemoryQueue(1, 1)).routes}
-    api_port = env("api")["CVSERVE_PORT"]
-    assert SERVICES["api"]["ports"] == [f"{api_port}:{api_port}"]
+    routes = {getattr(r, "path", None) for r in create_app(Settings(), MemoryQueue(1, 1)).routes}
+    api_port, grpc_port = env("api")["CVSERVE_PORT"], env("api")["CVSERVE_GRPC_PORT"]
+    assert SERVICES["api"]["ports"] == [f"{api_port}:{api_port}", f"{grpc_port}:{grpc_port}"]
     url = urlparse(health_url("api"))
     assert str(url.port) == api_port and url.path in routes
     for service in ("worker", "worker-cpu"):
@@ -99,7 +99,7 @@ def test_ports_and_health_checks_point_at_real_endpoints() -> None:
         # The worker's metrics listen beyond loopback, so Prometheus reaches them.
         assert env(service)["CVSERVE_HOST"] == "0.0.0.0"
         assert [a for i, a in dockerfile(service) if i == "EXPOSE"] == [port]
-    assert [a for i, a in dockerfile("api") if i == "EXPOSE"] == [api_port]
+    assert [a for i, a in dockerfile("api") if i == "EXPOSE"] == [f"{api_port} {grpc_port}"]
     for service, spec in SERVICES.items():
         for dep in spec.get("depends_on", {}):
             assert dep in SERVICES, f"{service} depends on a service that does not exist"

@@ -38,6 +38,7 @@ from . import metrics
 from .policy import BatchPolicy
 from .streaming import StreamIntake
 from .task import Prepared, Stream, StreamingTask, Task
+from .tensors import TensorTask
 
 log = logging.getLogger("cvserve.batcher")
 
@@ -52,8 +53,9 @@ class ModelRunner(StreamIntake):
     """Pulls one model's jobs from the queue and runs them in dynamic batches."""
 
     def __init__(self, task: Task, queue: JobQueue, pool: ThreadPoolExecutor,
-                 policy: BatchPolicy | None = None) -> None:
+                 policy: BatchPolicy | None = None, tensors: TensorTask | None = None) -> None:
         self.task = task
+        self.tensors = tensors or TensorTask(task)
         self.queue = queue
         self.pool = pool
         self.name = task.cfg.name
@@ -136,11 +138,13 @@ class ModelRunner(StreamIntake):
                 if job.task == "filters":  # GET /models/{name}/filters.png: not a batch item
                     self._spawn(self._answer_filters(job))
                     continue
-                if self.streaming or (self.mixed and self.task.opens_stream(job)):
+                tensors = job.task == "tensors"  # the Open Inference Protocol's raw tensors
+                if not tensors and (self.streaming or (self.mixed
+                                                       and self.task.opens_stream(job))):
                     self._open(job)
                     continue
                 self._preparing += 1
-                fut = loop.run_in_executor(self.pool, self.task.timed_prepare, job)
+                fut = loop.run_in_executor(self.pool, self._task(job).timed_prepare, job)
                 fut.add_done_callback(lambda f, job=job: self._prepared(job, f))
 
     def _prepared(self, job: Job, fut: asyncio.Future[Prepared]) -> None:
@@ -166,7 +170,7 @@ class ModelRunner(StreamIntake):
             self._readied.clear()
             await self._readied.wait()
         first = self.ready.popleft()
-        key = self.task.batch_key(first)
+        key = self._key(first)
         batch = [first]
         self._take(batch, key)
         if self.max_queue_delay_s > 0 and len(batch) < self.max_batch_size:
@@ -221,13 +225,22 @@ class ModelRunner(StreamIntake):
         except Exception as exc:
             log.warning("%s: could not acknowledge dropped job %s: %s", self.name, job.id, exc)
 
+    def _task(self, job: Job) -> Task:
+        """Who prepares, runs and answers a job: the model's task, or for raw tensors (the
+        Open Inference Protocol) the backend alone."""
+        return self.tensors if job.task == "tensors" else self.task
+
+    def _key(self, item: Prepared) -> Hashable:
+        """Jobs of one batch: the same kind (tensors or the task's), and the same key."""
+        return item.job.task == "tensors", self._task(item.job).batch_key(item)
+
     def _take(self, batch: list[Prepared], key: Hashable) -> None:
         """Move ready jobs that batch with `key` into `batch`, oldest first; the others keep
         their place for the next batch."""
         keep: deque[Prepared] = deque()
         while self.ready:
             item = self.ready.popleft()
-            if len(batch) < self.max_batch_size and self.task.batch_key(item) == key:
+            if len(batch) < self.max_batch_size and self._key(item) == key:
                 batch.append(item)
             else:
                 keep.append(item)
@@ -287,9 +300,9 @@ class ModelRunner(StreamIntake):
 
     def _call(self, batch: list[Prepared], solo: bool) -> Any:
         if not solo:
-            return self.task.run(batch)
+            return self._task(batch[0].job).run(batch)
         with self.task.backend.solo_threads():
-            return self.task.run(batch)
+            return self._task(batch[0].job).run(batch)
 
     def _count_batch(self, size: int, infer_s: float) -> None:
         metrics.EXECUTIONS.labels(self.name).inc()
@@ -308,7 +321,8 @@ class ModelRunner(StreamIntake):
         for item in batch:
             t0 = time.perf_counter()
             try:
-                [output] = await loop.run_in_executor(self.model_thread, self.task.run, [item])
+                [output] = await loop.run_in_executor(self.model_thread,
+                                                      self._task(item.job).run, [item])
             except Exception as one_exc:
                 await self._isolate([item], one_exc)
                 continue
@@ -324,7 +338,8 @@ class ModelRunner(StreamIntake):
         loop = asyncio.get_running_loop()
         t0 = time.perf_counter()
         try:
-            result, body = await loop.run_in_executor(self.pool, self.task.finish, item, output)
+            result, body = await loop.run_in_executor(self.pool, self._task(item.job).finish,
+                                                      item, output)
         except Exception as exc:
             log.error("%s: postprocess failed for job %s: %r", self.name, item.job.id, exc)
             err = exc if isinstance(exc, CvserveError) else BackendError(

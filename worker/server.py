@@ -22,6 +22,7 @@ from .policy import warm_up
 from .repository import ModelConfig, ModelRepository, load_config
 from .segmentation import SemanticTask
 from .task import Task
+from .tensors import TensorTask, signature
 from .video_classification import VideoTask
 
 log = logging.getLogger("cvserve.worker")
@@ -215,10 +216,16 @@ class Worker:
                          time.perf_counter() - t0)
                 # Before the worker announces itself: /readyz waits for the warm-up.
                 policy = await loop.run_in_executor(None, warm_up, task, batch_limit(task))
+                tensors = TensorTask(task)
+                try:
+                    tensors.inputs, tensors.outputs = await loop.run_in_executor(
+                        None, signature, task)
+                except Exception as exc:  # the task endpoints still serve it
+                    log.warning("%s: no raw-tensor signature for /v2 (%r)", cfg.name, exc)
             except Exception as exc:
                 log.error("model %s failed to load: %s", cfg.name, exc)
                 continue
-            self.runners[cfg.name] = ModelRunner(task, self.queue, self.pool, policy)
+            self.runners[cfg.name] = ModelRunner(task, self.queue, self.pool, policy, tensors)
         for runner in self.runners.values():
             runner.start()
         try:
@@ -231,6 +238,8 @@ class Worker:
         return WorkerInfo(self.worker_id, {
             name: {**r.task.cfg.describe(), **r.task.backend.describe(),
                    "batching_policy": r.policy.describe(),
+                   "tensors": {"inputs": [t.to_dict() for t in r.tensors.inputs],
+                               "outputs": [t.to_dict() for t in r.tensors.outputs]},
                    **({"explain_methods": r.task.methods()}
                       if hasattr(r.task, "methods") else {})}
             for name, r in self.runners.items()})
