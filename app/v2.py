@@ -4,8 +4,10 @@ Both call `OpenInference`, which turns a v2 request into the same jobs /detect s
 
 Two ways in: raw tensors for the model's own inputs (a "tensors" job, run by the worker
 on the backend alone, batched with other requests of the same shapes), or one BYTES
-tensor of encoded images for a detector, each element sent through the task's pipeline
-as its own /detect job, with the detections back as padded tensors.
+tensor of encoded images (videos for a video model), each element sent through the
+model's task pipeline as its own job, as /detect, /segment, /classify-video or /explain
+would send it, with the answers packed as tensors: detections as padded boxes / scores /
+classes / labels and a count, label maps, top classes, heatmaps.
 
 No NumPy here (the api image has none): tensors cross as little-endian bytes, and JSON
 `data` is packed and unpacked with `struct`.
@@ -14,20 +16,25 @@ No NumPy here (the api image has none): tensors cross as little-endian bytes, an
 from __future__ import annotations
 
 import asyncio
+import base64
+import io
 import json
 import math
 import struct
+import sys
 import time
+from array import array
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
+from PIL import Image
 from prometheus_client import Counter
 
 from .errors import CvserveError, InputError
-from .media import probe_image
+from .media import VideoLimits, probe_image, probe_video
 from .schemas import ModelInfo
 from .settings import Settings
 from .uploads import read_body
@@ -37,7 +44,7 @@ FORMATS = {"BOOL": "?", "UINT8": "B", "UINT16": "H", "UINT32": "I", "UINT64": "Q
            "INT8": "b", "INT16": "h", "INT32": "i", "INT64": "q", "FP16": "e", "FP32": "f",
            "FP64": "d"}
 PLATFORMS = {"onnx": "onnxruntime_onnx", "torchscript": "pytorch_libtorch"}
-PIPELINE_TASKS = ("detection", "instance-segmentation")
+VIDEO_TASKS = ("video-classification", "temporal-localization")
 HEADER = "Inference-Header-Content-Length"
 
 V2_REQUESTS = Counter("cvserve_v2_inference_requests", "Open Inference Protocol infer "
@@ -216,50 +223,132 @@ class OpenInference:
 
     async def _pipeline(self, info: ModelInfo, tensor: Tensor, outputs: list[str] | None,
                         parameters: dict[str, Any], timeout: float | None) -> list[Tensor]:
-        """Encoded images through the detector's own pipeline, one /detect job each (they
-        batch in the worker like any others); detections back padded to the most found."""
-        if info.task not in PIPELINE_TASKS:
+        """Encoded images (or videos) through the model's own task pipeline, one job each
+        (they batch in the worker like any others), the answers packed as tensors."""
+        if info.task not in PIPELINES:
             names = [t["name"] for t in (info.tensors or {}).get("inputs", [])]
-            raise V2Error(400, f"model '{info.name}' is a {info.task} model: a BYTES input "
-                               "(encoded images) is served for detectors; send it raw tensors "
-                               f"({', '.join(names)})")
-        images = split_bytes(tensor.data)
-        if len(images) != tensor.count or len(tensor.shape) != 1:
+            raise V2Error(400, f"model '{info.name}' is a {info.task} model: send it raw "
+                               f"tensors ({', '.join(names)})")
+        items = split_bytes(tensor.data)
+        if len(items) != tensor.count or len(tensor.shape) != 1:
             raise V2Error(400, f"input {tensor.name}: expected shape [N] holding N encoded "
-                               f"images; shape {tensor.shape} holds {len(images)} elements")
-        for i, image in enumerate(images):
+                               f"files; shape {tensor.shape} holds {len(items)} elements")
+        video = info.task in VIDEO_TASKS
+        for i, item in enumerate(items):  # 413 / 415 before anything is queued
             try:
-                probe_image(image, self.settings.image_pixels)
+                if video:
+                    await asyncio.to_thread(probe_video, item,
+                                            VideoLimits.from_settings(self.settings))
+                else:
+                    probe_image(item, self.settings.image_pixels)
             except CvserveError as err:
                 raise V2Error(err.status, f"{tensor.name}[{i}]: {err.message}") from err
-        params = {k: parameters[k] for k in ("score_threshold", "max_detections")
-                  if k in parameters}
-        answers = await asyncio.gather(*(self.submit(info, params, image, timeout, None)
-                                         for image in images))
-        found = [result["detections"] for result, _ in answers]
-        k = max((len(d) for d in found), default=0)
-        n = len(found)
-        boxes, scores, classes, labels = [], [], [], []
-        for dets in found:
-            pad = k - len(dets)
-            boxes += [v for d in dets for v in (d["box"]["x1"], d["box"]["y1"], d["box"]["x2"],
-                                                 d["box"]["y2"])] + [0.0] * 4 * pad
-            scores += [d["score"] for d in dets] + [0.0] * pad
-            classes += [d["class_id"] for d in dets] + [-1] * pad
-            labels += [d["label"] for d in dets] + [""] * pad
-        made = [Tensor("boxes", "FP32", [n, k, 4], pack("FP32", boxes)),
-                Tensor("scores", "FP32", [n, k], pack("FP32", scores)),
-                Tensor("classes", "INT32", [n, k], pack("INT32", classes)),
-                Tensor("labels", "BYTES", [n, k], pack("BYTES", labels)),
-                Tensor("count", "INT32", [n], pack("INT32", [len(d) for d in found]))]
+        params = PIPELINES[info.task](parameters)
+        answers = await asyncio.gather(*(self.submit(info, params, item, timeout, None)
+                                         for item in items))
+        made = PACKERS[info.task]([result for result, _ in answers])
         if outputs:
-            unknown = set(outputs) - {t.name for t in made}
-            if unknown:
-                raise V2Error(400, f"no output {sorted(unknown)}; a BYTES request's outputs: "
-                                   f"{[t.name for t in made]}")
             by_name = {t.name: t for t in made}
+            unknown = set(outputs) - set(by_name)
+            if unknown:
+                raise V2Error(400, f"no output {sorted(unknown)}; a BYTES request to a "
+                                   f"{info.task} model answers {list(by_name)}")
             made = [by_name[name] for name in outputs]  # in the order asked
         return made
+
+
+# --- the task pipelines behind a BYTES input ---------------------------------------------
+def _pick(parameters: dict[str, Any], *names: str) -> dict[str, Any]:
+    return {k: parameters[k] for k in names if k in parameters}
+
+
+PIPELINES: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
+    # A job's params, per model task, from the request's parameters: as the task
+    # endpoint would send them.
+    "detection": lambda p: _pick(p, "score_threshold", "max_detections"),
+    "instance-segmentation": lambda p: _pick(p, "score_threshold", "max_detections"),
+    "semantic-segmentation": lambda p: {"mask_format": "png"},
+    "video-classification": lambda p: _pick(p, "top_k", "num_clips"),
+    "temporal-localization": lambda p: _pick(p, "top_k", "num_clips"),
+    # An image classifier's jobs are explanations (/explain): top classes and a heatmap.
+    "classification": lambda p: {"method": p.get("method", "gradcam"),
+                                 **_pick(p, "target", "layer", "top_k")},
+}
+
+
+def _pad(rows: list[list[Any]], width: int, fill: Any) -> list[Any]:
+    return [v for row in rows for v in row + [fill] * (width - len(row))]
+
+
+def _ranked(results: list[list[dict[str, Any]]], prefix: str = "") -> list[Tensor]:
+    """Per item a list of {label, class_id, score}: padded scores, classes, labels."""
+    n, k = len(results), max((len(r) for r in results), default=0)
+    return [Tensor(f"{prefix}scores", "FP32", [n, k],
+                   pack("FP32", _pad([[c["score"] for c in r] for r in results], k, 0.0))),
+            Tensor(f"{prefix}classes", "INT32", [n, k],
+                   pack("INT32", _pad([[c["class_id"] for c in r] for r in results], k, -1))),
+            Tensor(f"{prefix}labels", "BYTES", [n, k],
+                   pack("BYTES", _pad([[c["label"] for c in r] for r in results], k, "")))]
+
+
+def _detections(results: list[dict[str, Any]]) -> list[Tensor]:
+    """boxes [N, K, 4] (x1, y1, x2, y2, original pixels), scores, classes (-1: padding),
+    labels, count: K is the most detections in any image."""
+    found = [r["detections"] for r in results]
+    n, k = len(found), max((len(d) for d in found), default=0)
+    boxes = _pad([[v for d in dets for v in (d["box"]["x1"], d["box"]["y1"], d["box"]["x2"],
+                                               d["box"]["y2"])] for dets in found], 4 * k, 0.0)
+    return [Tensor("boxes", "FP32", [n, k, 4], pack("FP32", boxes)), *_ranked(found),
+            Tensor("count", "INT32", [n], pack("INT32", [len(d) for d in found]))]
+
+
+def _label_maps(results: list[dict[str, Any]]) -> list[Tensor]:
+    """label_map INT32 [N, H, W] (class ids; -1 pads images smaller than the largest) and
+    each image's size [N, 2] (height, width). The worker's palette PNG, decoded here with
+    Pillow (8-bit for up to 256 classes, 16-bit beyond)."""
+    maps = []
+    for r in results:
+        with Image.open(io.BytesIO(base64.b64decode(r["label_map"]["data"]))) as im:
+            ids = array("i", im.getdata())  # palette indices or 16-bit values: class ids
+            maps.append((im.height, im.width, ids))
+    h = max(m[0] for m in maps)
+    w = max(m[1] for m in maps)
+    out = array("i")
+    for mh, mw, ids in maps:
+        for y in range(mh):
+            out.extend(ids[y * mw:(y + 1) * mw])
+            out.extend([-1] * (w - mw))
+        out.extend([-1] * (w * (h - mh)))
+    if sys.byteorder == "big":
+        out.byteswap()
+    return [Tensor("label_map", "INT32", [len(maps), h, w], out.tobytes()),
+            Tensor("size", "INT32", [len(maps), 2],
+                   pack("INT32", [v for mh, mw, _ in maps for v in (mh, mw)]))]
+
+
+def _videos(results: list[dict[str, Any]]) -> list[Tensor]:
+    return _ranked([r["top"] for r in results])
+
+
+def _explanations(results: list[dict[str, Any]]) -> list[Tensor]:
+    """The top classes, and each image's heatmap [N, h, w] in [0, 1] (0 pads a smaller
+    grid) with the region of the image it covers [N, 4] (x1, y1, x2, y2)."""
+    grids = [r["heatmap"] for r in results]
+    h = max(g["shape"][0] for g in grids)
+    w = max(g["shape"][1] for g in grids)
+    rows = [[v for row in g["data"] for v in row + [0.0] * (w - len(row))]
+            + [0.0] * (w * (h - g["shape"][0])) for g in grids]
+    return [*_ranked([r["top"] for r in results]),
+            Tensor("heatmap", "FP32", [len(grids), h, w], pack("FP32", _pad(rows, h * w, 0.0))),
+            Tensor("region", "FP32", [len(grids), 4],
+                   pack("FP32", [v for g in grids for v in g["region"]]))]
+
+
+PACKERS: dict[str, Callable[[list[dict[str, Any]]], list[Tensor]]] = {
+    "detection": _detections, "instance-segmentation": _detections,
+    "semantic-segmentation": _label_maps, "video-classification": _videos,
+    "temporal-localization": _videos, "classification": _explanations,
+}
 
 
 def _timeout_s(parameters: dict[str, Any]) -> float | None:

@@ -4,6 +4,8 @@ cvserve embedded and with api and worker apart over Redis."""
 
 from __future__ import annotations
 
+import base64
+import io
 import shutil
 import warnings
 from collections.abc import Iterator
@@ -16,9 +18,13 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
+from PIL import Image
 
 from cvserve.models.classifiers import export_resnet
+from cvserve.models.segment_export import export_segmenter
 from cvserve.models.synthetic import make_scene
+from cvserve.models.synthetic_video import make_action_video
+from cvserve.models.train_video import export_demo_actions
 
 from .conftest import Service, batch_counts, free_port, pin_batching
 
@@ -27,6 +33,7 @@ httpclient = pytest.importorskip("tritonclient.http", reason="pip install triton
 from tritonclient.utils import InferenceServerException  # noqa: E402
 
 DETECTOR, ONNX, TS = "demo-ts", "resnet18-onnx", "resnet18-ts"
+SEGMENTER, VIDEO = "lraspp_mobilenet_v3_large", "demo-actions"
 UPLOAD_BYTES = 8 * 1024 * 1024
 
 
@@ -36,7 +43,9 @@ def v2_repo(demo_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     shutil.copytree(demo_repo / DETECTOR, repo / DETECTOR)
     export_resnet("resnet18", repo, weights="random", fmt="onnx", name=ONNX, check=False)
     export_resnet("resnet18", repo, weights="random", fmt="torchscript", name=TS, check=False)
-    for name in (ONNX, TS):
+    export_segmenter(SEGMENTER, repo, weights="random", check=False)
+    export_demo_actions(repo)
+    for name in (ONNX, TS, SEGMENTER, VIDEO):
         pin_batching(repo / name)
     return repo
 
@@ -163,6 +172,58 @@ def test_bytes_jpeg_gives_the_detections_of_detect(deployment: Deployment) -> No
                                        atol=1e-5)
             np.testing.assert_allclose(boxes[i, :count[i]], [
                 [d["box"][k] for k in ("x1", "y1", "x2", "y2")] for d in dets], atol=1e-3)
+
+
+def bytes_infer(d: Deployment, model: str, items: list[bytes], **parameters: object):
+    """One BYTES request per client: [(module, result)]."""
+    payload = np.array(items, dtype=np.object_)
+    return [(module, client.infer(model, [infer_input(module, "file", payload)],
+                                  parameters=parameters or None))
+            for module, client in zip((httpclient, grpcclient), clients(d), strict=True)]
+
+
+def test_bytes_images_give_the_label_maps_of_segment(deployment: Deployment) -> None:
+    scenes = [make_scene(41, 320, 240).jpeg(), make_scene(42, 200, 280).jpeg()]
+    maps = []
+    for data in scenes:
+        answer = httpx.post(f"{deployment.http_url}/segment", files={"file": ("s.jpg", data)},
+                            timeout=60).json()
+        png = base64.b64decode(answer["label_map"]["data"])
+        maps.append(np.array(Image.open(io.BytesIO(png))).astype(np.int32))
+    for _, result in bytes_infer(deployment, SEGMENTER, scenes):
+        label_map, size = result.as_numpy("label_map"), result.as_numpy("size")
+        assert label_map.shape == (2, 280, 320)
+        assert size.tolist() == [[240, 320], [280, 200]]
+        for i, expected in enumerate(maps):
+            h, w = expected.shape
+            np.testing.assert_array_equal(label_map[i, :h, :w], expected)
+            assert (label_map[i, h:, :] == -1).all() and (label_map[i, :, w:] == -1).all()
+
+
+def test_bytes_videos_give_the_labels_of_classify_video(deployment: Deployment) -> None:
+    video = make_action_video(43, 4.0).mp4()
+    top = httpx.post(f"{deployment.http_url}/classify-video",
+                     files={"file": ("v.mp4", video)}, timeout=120).json()["top"]
+    for _, result in bytes_infer(deployment, VIDEO, [video]):
+        labels = [v.decode() for v in result.as_numpy("labels")[0]]
+        assert labels == [t["label"] for t in top]
+        assert result.as_numpy("classes")[0].tolist() == [t["class_id"] for t in top]
+        np.testing.assert_allclose(result.as_numpy("scores")[0], [t["score"] for t in top],
+                                   atol=1e-5)
+
+
+def test_bytes_images_give_the_heatmaps_of_explain(deployment: Deployment) -> None:
+    image = make_scene(44).jpeg()
+    answer = httpx.post(f"{deployment.http_url}/explain", params={"model": ONNX,
+                                                                   "method": "cam"},
+                        files={"file": ("s.jpg", image)}, timeout=60).json()
+    for _, result in bytes_infer(deployment, ONNX, [image], method="cam"):
+        np.testing.assert_allclose(result.as_numpy("heatmap")[0],
+                                   answer["heatmap"]["data"], atol=1e-4)
+        np.testing.assert_allclose(result.as_numpy("region")[0], answer["heatmap"]["region"],
+                                   atol=1e-3)
+        assert [v.decode() for v in result.as_numpy("labels")[0]] == [
+            t["label"] for t in answer["top"]]
 
 
 def test_concurrent_requests_are_batched(deployment: Deployment) -> None:
