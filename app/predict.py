@@ -169,6 +169,11 @@ def predict(opts: Options) -> int:
     url = opts.url or service.url  # type: ignore[union-attr]
     try:
         with Client(url, api_key=opts.api_key, timeout=300) as client:
+            try:  # one clear message for a wrong --url, not a retried failure per file
+                client.http.get(f"{client.url}/healthz", timeout=10)
+            except httpx.HTTPError as exc:
+                print(f"cvserve predict: no service at {url} ({exc})", file=sys.stderr)
+                return 2
             return _predict(client, files, opts)
     finally:
         if service is not None:

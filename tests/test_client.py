@@ -225,3 +225,12 @@ def test_client_retries_a_503_after_its_retry_after(demo_repo: Path, redis_url: 
     caller.join(180)
     assert not caller.is_alive() and len(answers) == 1, api.log()
     assert statuses[-1] == 200 and set(statuses[:-1]) == {503}
+
+
+def test_predict_with_a_wrong_url_says_so_at_once(tmp_path: Path) -> None:
+    image = tmp_path / "one.jpg"
+    image.write_bytes(make_scene(13).jpeg())
+    t0 = time.monotonic()
+    done = predict(str(image), "--url", f"http://127.0.0.1:{free_port()}")
+    assert done.returncode == 2 and "no service at" in done.stderr
+    assert time.monotonic() - t0 < 30  # not five backed-off retries per file
