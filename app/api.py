@@ -24,6 +24,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from .auth import Guard, MemoryCounter, RedisCounter, Unauthorized
 from .errors import (
     CvserveError,
     DeadlineExceeded,
@@ -168,6 +169,29 @@ class ObserveMiddleware:
             HTTP_SECONDS.labels(endpoint, scope["method"]).observe(time.perf_counter() - t0)
 
 
+class AuthMiddleware:
+    """API keys and their rate limits (app/auth.py), before any route runs."""
+
+    def __init__(self, app: ASGIApp, guard: Guard) -> None:
+        self.app = app
+        self.guard = guard
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or not self.guard.enabled:
+            await self.app(scope, receive, send)
+            return
+        authorization = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
+        try:
+            await self.guard.check(scope["path"], authorization)
+        except CvserveError as err:
+            response = error_response(err, scope.get("state", {}).get("request_id"))
+            if isinstance(err, Unauthorized):
+                response.headers["WWW-Authenticate"] = "Bearer"
+            await response(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
+
+
 class ClientGone(Exception):
     """The client disconnected before its answer came; no response is sent."""
 
@@ -184,6 +208,9 @@ def create_app(settings: Settings, queue: JobQueue,
                on_shutdown: Callable[[], Awaitable[Any]] | None = None) -> FastAPI:
     """The api over a queue. Embedded mode passes the in-process worker's start/stop."""
     directory = ModelDirectory(queue)
+    redis = getattr(queue, "redis", None)  # counts shared by every api process, in Redis
+    guard = Guard(settings, RedisCounter(redis, settings.key_prefix) if redis is not None
+                  else MemoryCounter())
 
     async def submit(info: ModelInfo, params: dict[str, Any], data: bytes,
                      timeout_s: float | None, task: str | None) -> tuple[dict, bytes | None]:
@@ -200,7 +227,7 @@ def create_app(settings: Settings, queue: JobQueue,
         if settings.grpc_port:
             from .v2_grpc import start
 
-            grpc_server = await start(v2, settings)
+            grpc_server = await start(v2, settings, guard)
         try:
             yield
         finally:
@@ -245,6 +272,8 @@ def create_app(settings: Settings, queue: JobQueue,
         return JSONResponse({"error": {"code": "internal", "message": repr(exc)}},
                             status_code=500)
 
+    # Added first, so inside ObserveMiddleware: refusals get a request id and are counted.
+    app.add_middleware(AuthMiddleware, guard=guard)
     app.add_middleware(ObserveMiddleware)
 
     # --- task endpoints ----------------------------------------------------------------

@@ -97,6 +97,19 @@ class Settings(BaseSettings):
         default=30.0, gt=0, description="On SIGTERM the api stops accepting and waits this "
                                         "long for requests in flight to be answered")
 
+    # --- access ------------------------------------------------------------------------
+    api_keys: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="API keys, comma-separated; any set = every "
+                                          "request needs `Authorization: Bearer <key>`")
+    api_keys_file: Path | None = Field(
+        default=None, description="More API keys, one per line (# comments)")
+    protect_health: bool = Field(default=False, description="/healthz and /readyz need a "
+                                                            "key too")
+    protect_metrics: bool = Field(default=False, description="/metrics needs a key too")
+    rate_limit_per_minute: int | None = Field(
+        default=None, ge=1, description="Requests a minute per API key (429 + Retry-After "
+                                        "over it); shared through Redis when used")
+
     # --- worker ------------------------------------------------------------------------
     decode_threads: int = Field(
         default=0, ge=0, description="Threads that decode, preprocess and postprocess; "
@@ -105,10 +118,10 @@ class Settings(BaseSettings):
     onnx_spinning: bool = False
     worker_metrics_port: int | None = None
 
-    @field_validator("models", mode="before")
+    @field_validator("models", "api_keys", mode="before")
     @classmethod
     def _split_models(cls, value: object) -> object:
-        """CVSERVE_MODELS=a,b (a JSON list works too)."""
+        """CVSERVE_MODELS=a,b and CVSERVE_API_KEYS=k1,k2 (a JSON list works too)."""
         if isinstance(value, str):
             text = value.strip()
             if text.startswith("["):
@@ -127,6 +140,8 @@ class Settings(BaseSettings):
             raise ValueError("visibility_timeout_ms must be at least 1000 (a batch must fit)")
         if self.max_deliveries < 1:
             raise ValueError("max_deliveries must be at least 1")
+        if self.api_keys_file is not None and not self.api_keys_file.is_file():
+            raise ValueError(f"api_keys_file {self.api_keys_file} is not a readable file")
         return self
 
     @property

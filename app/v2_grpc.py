@@ -16,6 +16,8 @@ from typing import Any
 import grpc
 from prometheus_client import Counter, Histogram
 
+from .auth import Guard, Unauthorized
+from .errors import CvserveError
 from .protocol import open_inference_grpc_pb2 as pb
 from .protocol import open_inference_grpc_pb2_grpc as rpc
 from .settings import Settings
@@ -132,13 +134,43 @@ class Servicer(rpc.GRPCInferenceServiceServicer):
         return tensors
 
 
-async def start(core: OpenInference, settings: Settings) -> grpc.aio.Server:
+class KeyInterceptor(grpc.aio.ServerInterceptor):
+    """API keys and rate limits (app/auth.py) on gRPC: the `authorization` metadata entry.
+    ServerLive and ServerReady count as health checks."""
+
+    def __init__(self, guard: Guard) -> None:
+        self.guard = guard
+
+    async def intercept_service(self, continuation: Any,
+                                details: grpc.HandlerCallDetails) -> Any:
+        method = details.method.rsplit("/", 1)[-1]
+        path = "/v2/health/ready" if method in ("ServerLive", "ServerReady") else "/v2/grpc"
+        metadata = dict(details.invocation_metadata or ())
+        try:
+            await self.guard.check(path, metadata.get("authorization"))
+        except CvserveError as err:
+            code = (grpc.StatusCode.UNAUTHENTICATED if isinstance(err, Unauthorized)
+                    else grpc.StatusCode.RESOURCE_EXHAUSTED)
+            message = err.message
+            GRPC_REQUESTS.labels(method, code.name).inc()
+
+            async def deny(request: Any, context: grpc.aio.ServicerContext) -> None:
+                await context.abort(code, message)
+
+            return grpc.unary_unary_rpc_method_handler(deny)
+        return await continuation(details)
+
+
+async def start(core: OpenInference, settings: Settings,
+                guard: Guard | None = None) -> grpc.aio.Server:
     """Serve on settings.host:grpc_port. Several api processes may bind the same port
     (SO_REUSEPORT, gRPC's default on Linux): the kernel spreads connections over them."""
     limit = settings.upload_bytes + 1024 * 1024
     server = grpc.aio.server(options=[("grpc.max_receive_message_length", limit),
                                       ("grpc.max_send_message_length", -1),
-                                      ("grpc.so_reuseport", 1)])
+                                      ("grpc.so_reuseport", 1)],
+                             interceptors=[KeyInterceptor(guard)] if guard and guard.enabled
+                             else [])
     rpc.add_GRPCInferenceServiceServicer_to_server(Servicer(core, settings), server)
     address = f"{settings.host}:{settings.grpc_port}"
     if server.add_insecure_port(address) == 0:

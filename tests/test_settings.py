@@ -30,3 +30,11 @@ def test_visibility_timeout_must_leave_room_for_a_batch() -> None:
 def test_models_is_a_comma_separated_list(monkeypatch: pytest.MonkeyPatch, raw: str) -> None:
     monkeypatch.setenv("CVSERVE_MODELS", raw)
     assert Settings().models == ["a", "b"]
+
+
+def test_api_keys_are_a_list_and_their_file_must_exist(monkeypatch: pytest.MonkeyPatch,
+                                                       tmp_path) -> None:
+    monkeypatch.setenv("CVSERVE_API_KEYS", "k1, k2")
+    assert Settings().api_keys == ["k1", "k2"]
+    with pytest.raises(ValidationError, match="api_keys_file"):
+        Settings(api_keys_file=tmp_path / "missing.txt")

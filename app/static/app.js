@@ -28,10 +28,18 @@ const ui = {
   task: $("task"), model: $("model"), threshold: $("score-threshold"),
   method: $("method"), localize: $("localize"), send: $("send"),
   status: $("status"), progress: $("progress"), timing: $("timing"), error: $("error"),
-  result: $("result"),
+  result: $("result"), apiKey: $("api-key"),
 };
 
 let models = [];        // GET /models' list
+
+// JSON answers, and the API key when the service needs one (CVSERVE_API_KEYS); the key is
+// kept in this browser's session storage only.
+function headers() {
+  const key = ui.apiKey.value.trim();
+  return key ? { Accept: "application/json", Authorization: `Bearer ${key}` }
+    : { Accept: "application/json" };
+}
 let chosen = null;      // the File to send
 let fileUrl = null;     // its object URL, shown under the overlays
 let requestSeq = 0;     // answers to an older request than the latest are dropped
@@ -54,7 +62,7 @@ const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
 // --- form --------------------------------------------------------------------------------------
 async function loadModels() {
   try {
-    const res = await fetch("/models", { headers: { Accept: "application/json" } });
+    const res = await fetch("/models", { headers: headers() });
     if (!res.ok) throw new Error((await readJson(res)).error.message);
     models = (await res.json()).models;
   } catch (err) {
@@ -130,7 +138,7 @@ async function send() {
   form.append("file", file, file.name);
   try {
     const res = await fetch(requestUrl(task), {
-      method: "POST", body: form, headers: { Accept: "application/json" },
+      method: "POST", body: form, headers: headers(),
     });
     let body = await readJson(res);
     if (res.status === 202 && body.status_url) body = await poll(body.status_url, seq);
@@ -149,7 +157,7 @@ async function send() {
 // A detached job (202): read its status every POLL_MS until it is done or failed.
 async function poll(statusUrl, seq) {
   for (;;) {
-    const res = await fetch(statusUrl, { headers: { Accept: "application/json" } });
+    const res = await fetch(statusUrl, { headers: headers() });
     const job = await readJson(res);
     if (!res.ok) throw new Error(failure(job, res));
     if (seq !== requestSeq) throw new Error("superseded");
@@ -391,6 +399,11 @@ ui.drop.addEventListener("drop", (event) => {
   ui.drop.classList.remove("over");
   const file = event.dataTransfer.files[0];
   if (file) setFile(file);
+});
+ui.apiKey.value = sessionStorage.getItem("cvserve-api-key") || "";
+ui.apiKey.addEventListener("change", () => {
+  sessionStorage.setItem("cvserve-api-key", ui.apiKey.value.trim());
+  loadModels();
 });
 showOptions();
 loadModels();
