@@ -32,6 +32,7 @@ from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 from PIL import Image
 from prometheus_client import Counter
+from pydantic import BaseModel
 
 from .errors import CvserveError, InputError
 from .media import VideoLimits, probe_image, probe_video
@@ -444,6 +445,20 @@ def render_response(model: str, request: dict, outputs: list[Tensor]) -> Respons
                     headers={HEADER: str(len(text))})
 
 
+class ErrorBody(BaseModel):
+    """The protocol's error answer."""
+
+    error: str
+
+
+EMPTY = {"description": "Yes (no body)", "content": None}
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorBody} for code in (400, 401, 404, 413, 429, 503, 504)}
+INFER_BODY = {"requestBody": {"required": True, "content": {
+    "application/json": {"schema": {"type": "object", "required": ["inputs"]}},
+    "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}}}
+
+
 def router(core: OpenInference, settings: Settings) -> APIRouter:
     api = APIRouter(prefix="/v2", tags=["Open Inference Protocol (v2)"])
 
@@ -451,30 +466,31 @@ def router(core: OpenInference, settings: Settings) -> APIRouter:
     async def server_metadata() -> JSONResponse:
         return JSONResponse(core.server_metadata())
 
-    @api.get("/health/live")
+    @api.get("/health/live", response_class=Response, responses={200: EMPTY})
     async def live() -> Response:
         return Response(status_code=200)
 
-    @api.get("/health/ready")
+    @api.get("/health/ready", response_class=Response,
+             responses={200: EMPTY, 503: {"model": ErrorBody}})
     async def ready() -> Response:
         if await core.ready():
             return Response(status_code=200)
         return error(503, "not ready: no live worker serves a model, or the queue is down")
 
-    async def metadata(name: str, version: str = "") -> JSONResponse:
+    async def metadata(name: str, version: str) -> JSONResponse:
         try:
             return JSONResponse(await core.metadata(name, version))
         except V2Error as err:
             return error(err.status, err.message)
 
-    async def model_ready(name: str, version: str = "") -> Response:
+    async def model_ready(name: str, version: str) -> Response:
         try:
             await core.model(name, version)
         except V2Error as err:
             return error(err.status, err.message)
         return Response(status_code=200)
 
-    async def infer(request: Request, name: str, version: str = "") -> Response:
+    async def infer(request: Request, name: str, version: str) -> Response:
         t0 = time.perf_counter()
         try:
             body = await read_body(request, settings.upload_bytes)
@@ -490,8 +506,26 @@ def router(core: OpenInference, settings: Settings) -> APIRouter:
         response.headers["x-cvserve-total-ms"] = f"{(time.perf_counter() - t0) * 1000:.2f}"
         return response
 
-    for prefix in ("/models/{name}", "/models/{name}/versions/{version}"):
-        api.add_api_route(prefix, metadata, methods=["GET"])
-        api.add_api_route(f"{prefix}/ready", model_ready, methods=["GET"])
-        api.add_api_route(f"{prefix}/infer", infer, methods=["POST"])
+    # Each route twice, with and without /versions/{version}: the unversioned handlers
+    # pass "" (the only version, "1").
+    async def metadata_any(name: str) -> JSONResponse:
+        return await metadata(name, "")
+
+    async def ready_any(name: str) -> Response:
+        return await model_ready(name, "")
+
+    async def infer_any(request: Request, name: str) -> Response:
+        return await infer(request, name, "")
+
+    for prefix, handlers in (("/models/{name}", (metadata_any, ready_any, infer_any)),
+                             ("/models/{name}/versions/{version}",
+                              (metadata, model_ready, infer))):
+        get_meta, get_ready, post_infer = handlers
+        api.add_api_route(prefix, get_meta, methods=["GET"], responses=ERROR_RESPONSES)
+        api.add_api_route(f"{prefix}/ready", get_ready, methods=["GET"],
+                          response_class=Response, responses={200: EMPTY, **ERROR_RESPONSES})
+        api.add_api_route(f"{prefix}/infer", post_infer, methods=["POST"],
+                          responses={200: {"content": {"application/json": {},
+                                                       "application/octet-stream": {}}},
+                                     **ERROR_RESPONSES}, openapi_extra=INFER_BODY)
     return api

@@ -175,6 +175,26 @@ def demo_repo(demo_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -
     return repo
 
 
+@pytest.fixture(scope="session")
+def every_task_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One model per task: the demo detector and the demo action classifier (shipped
+    weights), a ResNet-18 classifier and an LR-ASPP segmenter (random weights), batching
+    pinned so that a service starts without measuring."""
+    from cvserve.models.classifiers import export_resnet
+    from cvserve.models.segment_export import export_segmenter
+    from cvserve.models.train_video import export_demo_actions
+
+    repo = tmp_path_factory.mktemp("every-task-repo")
+    export_detector("tiny_fasterrcnn", repo, weights=str(DEMO_CHECKPOINT),
+                    name="demo-detector", check=False)
+    export_demo_actions(repo)
+    export_resnet("resnet18", repo, weights="random", check=False)
+    export_segmenter("lraspp_mobilenet_v3_large", repo, weights="random", check=False)
+    for name in ("demo-detector", "demo-actions", "resnet18", "lraspp_mobilenet_v3_large"):
+        pin_batching(repo / name)
+    return repo
+
+
 def pin_batching(model_dir: Path) -> None:
     """Batch as model.toml says, not as measured: tests of batched results need batches
     whatever this machine's load makes of the warm-up measurement."""

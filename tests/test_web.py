@@ -35,14 +35,10 @@ from selenium.webdriver.remote.webdriver import WebDriver  # noqa: E402
 from selenium.webdriver.remote.webelement import WebElement  # noqa: E402
 from selenium.webdriver.support.ui import Select, WebDriverWait  # noqa: E402
 
-from cvserve.models.classifiers import export_resnet  # noqa: E402
-from cvserve.models.export import export_detector  # noqa: E402
-from cvserve.models.segment_export import export_segmenter  # noqa: E402
 from cvserve.models.synthetic import make_scene  # noqa: E402
 from cvserve.models.synthetic_video import make_action_video  # noqa: E402
-from cvserve.models.train_video import export_demo_actions  # noqa: E402
 
-from .conftest import DEMO_CHECKPOINT, Service, embedded_service, iou, pin_batching  # noqa: E402
+from .conftest import Service, embedded_service, iou  # noqa: E402
 
 DETECTOR, VIDEO_MODEL, CLASSIFIER = "demo-detector", "demo-actions", "resnet18"
 SEGMENTER = "lraspp_mobilenet_v3_large"
@@ -51,16 +47,9 @@ WAIT_S = 90  # for a rendered answer (2 CPU cores, other tests maybe running bes
 
 
 @pytest.fixture(scope="module")
-def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
-    repo = tmp_path_factory.mktemp("web-repo")
-    export_detector("tiny_fasterrcnn", repo, weights=str(DEMO_CHECKPOINT), name=DETECTOR,
-                    check=False)
-    export_demo_actions(repo)
-    export_resnet(CLASSIFIER, repo, weights="random", check=False)
-    export_segmenter(SEGMENTER, repo, weights="random", check=False)
-    for name in (DETECTOR, VIDEO_MODEL, CLASSIFIER, SEGMENTER):
-        pin_batching(repo / name)  # no throughput measurement at start: starts faster
-    env = {"CVSERVE_MODEL_REPOSITORY": str(repo),
+def service(every_task_repo: Path,
+            tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
+    env = {"CVSERVE_MODEL_REPOSITORY": str(every_task_repo),
            "CVSERVE_ASYNC_VIDEO_DURATION_S": str(ASYNC_VIDEO_S)}
     with embedded_service(env, tmp_path_factory.mktemp("web-logs")) as svc:
         yield svc
