@@ -34,7 +34,8 @@ def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
 
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         multiprocess_metrics()
-    mode = "embedded (in-memory queue)" if settings.embedded else f"Redis {settings.redis_url}"
+    mode = ("embedded (in-memory queue)" if settings.embedded
+            else f"Redis {settings.redis_url_for_logs}")
     logging.getLogger("cvserve").info("cvserve run: api + worker in one process, %s", mode)
     # The standard asyncio loop, not uvloop, where the model runs in this process: measured
     # with bench/detect_bench.py (demo detector, concurrency 1), inference took 30 ms under

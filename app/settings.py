@@ -8,6 +8,7 @@ import socket
 import uuid
 from pathlib import Path
 from typing import Annotated
+from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -147,6 +148,17 @@ class Settings(BaseSettings):
     @property
     def embedded(self) -> bool:
         return self.redis_url is None
+
+    @property
+    def redis_url_for_logs(self) -> str | None:
+        """The Redis URL with its password replaced, for logs and messages."""
+        if self.redis_url is None:
+            return None
+        parts = urlsplit(self.redis_url)
+        if parts.password is None:
+            return self.redis_url
+        netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+        return urlunsplit(parts._replace(netloc=netloc))
 
     def key(self, *parts: str) -> str:
         """A Redis key under this deployment's prefix: key('jobs', 'm') -> 'cvserve:jobs:m'."""
