@@ -24,7 +24,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import redis.asyncio as aioredis
-from redis.exceptions import RedisError, ResponseError
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff
+from redis.exceptions import ConnectionError, RedisError, ResponseError, TimeoutError
 
 from .errors import JobFailed, Overloaded
 from .metrics import DEAD_LETTERED, RECLAIMED, QueueStats
@@ -80,9 +82,14 @@ class RedisQueue(JobQueue):
         assert settings.redis_url is not None
         self.s = settings
         self.consumer = consumer or settings.api_id
-        self.redis = aioredis.Redis.from_url(settings.redis_url, socket_connect_timeout=2,
-                                             socket_timeout=SOCKET_TIMEOUT_S,
-                                             health_check_interval=10)
+        # A restarted Redis leaves every pooled connection stale: the first command on each
+        # fails. Retried on a fresh connection (twice, quickly), a reply is not lost
+        # to that and left for the visibility timeout. Still down: the error comes through.
+        self.redis = aioredis.Redis.from_url(
+            settings.redis_url, socket_connect_timeout=2, socket_timeout=SOCKET_TIMEOUT_S,
+            health_check_interval=10,
+            retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), retries=2),
+            retry_on_error=[ConnectionError, TimeoutError])
         self.reply_stream = settings.key("replies", settings.api_id)
         self._xadd_if_room = self.redis.register_script(_XADD_IF_ROOM)
         self._progress_if_running = self.redis.register_script(_PROGRESS_IF_RUNNING)

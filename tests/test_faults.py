@@ -81,9 +81,15 @@ def test_redis_restarted_under_load(demo_repo: Path, tmp_path: Path,
 
         server = start_redis(port)
         back = time.monotonic()
-        while detect(api.url, 100).status_code != 200:
+        probes = []
+        while True:
+            t1 = time.monotonic()
+            status = detect(api.url, 100, timeout_s=5).status_code
+            probes.append((round(t1 - back, 2), status, round(time.monotonic() - t1, 2)))
+            if status == 200:
+                break
             assert time.monotonic() - back < 30, f"not serving 30 s after Redis came back:\n" \
-                f"{api.log()[-2000:]}\n{services[0].log()[-2000:]}"
+                f"{probes}\n{api.log()[-3000:]}\n{services[0].log()[-3000:]}"
             time.sleep(0.25)
         recovered = time.monotonic()
         recovered_s = recovered - back
@@ -91,7 +97,7 @@ def test_redis_restarted_under_load(demo_repo: Path, tmp_path: Path,
         stop.set()
         for t in threads:
             t.join(60)
-        assert recovered_s < 15, recovered_s
+        assert recovered_s < 10, probes
         # Never a 500 and never a hang: 200 when up, 503 while down; requests caught in
         # flight by the outage may also end 504 (their job went with the old Redis).
         assert {c for c, _, _ in codes} <= {200, 503, 504}, codes
