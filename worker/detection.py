@@ -43,7 +43,7 @@ from .detection_explain import DetectionExplainer
 from .gpu import Staged, decode_rgb_on, is_cuda, record_ready, staging
 from .imaging import decode_rgb, encode_png
 from .masks import COCO_SKELETON, encode_rle, mask_polygons, paste_masks, render_instances
-from .preprocess import preprocess
+from .preprocess import check_rcnn_size, preprocess
 from .task import Prepared, Task
 from .torchscript_backend import TorchScriptBackend
 
@@ -103,6 +103,7 @@ class DetectionTask(DetectionExplainer, Task):
     def _rcnn_input(self, image: torch.Tensor) -> torch.Tensor:
         """# [3, H, W] uint8 -> [3, h, w] float, normalized and resized (model pixels), on
         the image's device."""
+        check_rcnn_size(tuple(image.shape[-2:]), self.cfg.input)
         x = image.to(torch.float32).mul_(self.cfg.input.scale)
         if self.cfg.input.color == "BGR":
             x = x.flip(0)

@@ -17,6 +17,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from cvserve.app.errors import InputError, PayloadTooLarge
+
 from .repository import InputSpec
 
 
@@ -87,8 +89,42 @@ def resize_uint8(image: torch.Tensor, hw: tuple[int, int], antialias: bool,
     return x if image.ndim == 4 else x[0]
 
 
+# The most pixels an image may have once resized for a model. Resizing keeps the aspect
+# ratio, so a small but very elongated image (30000 x 10, well under the upload's pixel
+# limit) would grow to 520 x 1,560,000 under a segmenter's "shorter side to 520": gigabytes
+# of floats. Refused (413) instead, before anything is allocated.
+MAX_RESIZED_PIXELS = 16_000_000
+
+
+def check_resized(image_hw: tuple[int, int], resized_hw: tuple[int, int]) -> None:
+    h, w = resized_hw
+    if h < 1 or w < 1:
+        raise InputError(f"the image ({image_hw[1]}x{image_hw[0]}) is too elongated for this "
+                         f"model: it would be resized to {w}x{h}")
+    if h * w > MAX_RESIZED_PIXELS:
+        raise PayloadTooLarge(f"the image ({image_hw[1]}x{image_hw[0]}) would be resized to "
+                              f"{w}x{h} for this model, over {MAX_RESIZED_PIXELS} pixels: its "
+                              "aspect ratio is too extreme")
+
+
+def check_rcnn_size(image_hw: tuple[int, int], spec: InputSpec) -> None:
+    """torchvision's GeneralizedRCNNTransform: one scale, the shorter side to min_size
+    unless the longer would pass max_size (or fixed_size); the sides are floored."""
+    if spec.fixed_size is not None:
+        return
+    h, w = image_hw
+    scale = min(spec.min_size / min(h, w), spec.max_size / max(h, w))
+    check_resized(image_hw, (int(h * scale), int(w * scale)))
+
+
 def fit(image_hw: tuple[int, int], spec: InputSpec) -> tuple[tuple[int, int], Geometry]:
     """Where the image lands in the model input: (resized size, geometry)."""
+    resized, geometry = _fit(image_hw, spec)
+    check_resized(image_hw, resized)
+    return resized, geometry
+
+
+def _fit(image_hw: tuple[int, int], spec: InputSpec) -> tuple[tuple[int, int], Geometry]:
     h, w = image_hw
     if spec.resize == "shorter":
         # torchvision's Resize(int): the shorter side to the target, the longer truncated.
