@@ -24,7 +24,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from .auth import Guard, MemoryCounter, RedisCounter, Unauthorized
+from .auth import Guard, MemoryCounter, RedisCounter
 from .errors import (
     CvserveError,
     DeadlineExceeded,
@@ -33,6 +33,7 @@ from .errors import (
     ModelNotFound,
     Overloaded,
     PayloadTooLarge,
+    Unauthorized,
     UnsupportedMedia,
     from_code,
 )

@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from typing import Protocol
 
-from .errors import CvserveError
+from .errors import RateLimited, Unauthorized
 from .settings import Settings
 
 log = logging.getLogger("cvserve.auth")
@@ -29,16 +29,6 @@ OPEN_PREFIXES = ("/static/", "/docs", "/redoc", "/openapi.json")
 OPEN_PATHS = ("/",)
 HEALTH_PATHS = ("/healthz", "/readyz", "/v2/health/live", "/v2/health/ready")
 WINDOW_S = 60
-
-
-class Unauthorized(CvserveError):
-    status = 401
-    code = "unauthorized"
-
-
-class RateLimited(CvserveError):
-    status = 429
-    code = "rate_limited"
 
 
 class Counter(Protocol):

@@ -60,6 +60,20 @@ class Overloaded(CvserveError):
     code = "overloaded"
 
 
+class Unauthorized(CvserveError):
+    """No API key, or not one of the service's (app/auth.py)."""
+
+    status = 401
+    code = "unauthorized"
+
+
+class RateLimited(CvserveError):
+    """Over the key's requests a minute: retry after `retry_after_s`."""
+
+    status = 429
+    code = "rate_limited"
+
+
 class DeadlineExceeded(CvserveError):
     status = 504
     code = "deadline_exceeded"

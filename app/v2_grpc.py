@@ -16,8 +16,8 @@ from typing import Any
 import grpc
 from prometheus_client import Counter, Histogram
 
-from .auth import Guard, Unauthorized
-from .errors import CvserveError
+from .auth import Guard
+from .errors import CvserveError, Unauthorized
 from .protocol import open_inference_grpc_pb2 as pb
 from .protocol import open_inference_grpc_pb2_grpc as rpc
 from .settings import Settings
