@@ -117,6 +117,12 @@ def cmd_export(args: argparse.Namespace, settings: Settings) -> int:
             weights = DEMO_ACTIONS if args.weights == "default" else Path(args.weights)
             path = export_demo_actions(settings.model_repository, weights=weights, fmt=fmt,
                                        name=args.as_name or "demo-actions")
+        elif args.name == "demo-classifier":
+            from cvserve.models.classifier_demo import DEMO_CLASSIFIER, export_demo_classifier
+
+            weights = DEMO_CLASSIFIER if args.weights == "default" else Path(args.weights)
+            path = export_demo_classifier(settings.model_repository,
+                                          args.as_name or "demo-classifier", weights)
         elif classifier:
             path = export_resnet(args.name, settings.model_repository, weights=args.weights,
                                  fmt=fmt, name=args.as_name, check=not args.no_check)
@@ -190,6 +196,23 @@ def cmd_train_demo_actions(args: argparse.Namespace, settings: Settings) -> int:
     model, _ = load_actions(ckpt)
     print(f"held-out clips: {evaluate_actions(model, 20)}")
     print(f"wrote {ckpt} and {export_demo_actions(settings.model_repository, weights=ckpt)}")
+    return 0
+
+
+def cmd_train_demo_classifier(args: argparse.Namespace, settings: Settings) -> int:
+    from cvserve.models.classifier_demo import (
+        DEMO_CLASSIFIER,
+        evaluate,
+        export_demo_classifier,
+        load_demo_classifier,
+        train,
+    )
+
+    weights = Path(args.checkpoint or DEMO_CLASSIFIER)
+    train(args.steps, weights, args.seed)
+    print(f"held-out scenes: {evaluate(load_demo_classifier(weights))}")
+    folder = export_demo_classifier(settings.model_repository, weights=weights)
+    print(f"wrote {weights} and {folder}")
     return 0
 
 
@@ -284,8 +307,9 @@ def parser() -> argparse.ArgumentParser:
                                   "frame of a video (resnet18-frames, resnet50-frames, "
                                   "mobilenet_v3_small-frames, mobilenet_v3_large-frames), "
                                   "efficientnet_lite0, an image classifier (resnet18, "
-                                  "resnet50, ... the ResNet family) or demo-actions (the "
-                                  "shipped demo action classifier)")
+                                  "resnet50, ... the ResNet family), demo-actions (the "
+                                  "shipped demo action classifier) or demo-classifier (the "
+                                  "shipped demo image classifier)")
     exp.add_argument("--weights", default="default",
                      help="default (pretrained, downloaded) | random | PATH to a checkpoint")
     exp.add_argument("--format", default=None, choices=("onnx", "torchscript"),
@@ -319,6 +343,13 @@ def parser() -> argparse.ArgumentParser:
     actions.add_argument("--checkpoint", default=None,
                          help="where to write the weights (default: "
                               "models/demo/actions_c3d.pt)")
+    shapes = models.add_parser("train-demo-classifier",
+                               help="train the demo image classifier (GAP + linear, for "
+                                    "/explain) on synthetic shapes")
+    shapes.add_argument("--steps", type=int, default=3000)
+    shapes.add_argument("--seed", type=int, default=0)
+    shapes.add_argument("--checkpoint", default=None,
+                        help="where to write the weights (default: models/demo/classifier.pt)")
     return p
 
 
@@ -333,7 +364,8 @@ def main(argv: list[str] | None = None) -> int:
     handlers = {"run": cmd_run, "api": cmd_api, "worker": cmd_worker, "predict": cmd_predict}
     if args.command == "models":
         handlers = {"export": cmd_export, "list": cmd_list, "pull": cmd_pull,
-                    "train-demo": cmd_train_demo, "train-demo-actions": cmd_train_demo_actions}
+                    "train-demo": cmd_train_demo, "train-demo-actions": cmd_train_demo_actions,
+                    "train-demo-classifier": cmd_train_demo_classifier}
         return handlers[args.models_command](args, settings)
     return handlers[args.command](args, settings)
 

@@ -182,10 +182,14 @@ def build_eager(architecture: str | None, model_dir: Path, weights_file: str | N
         from .c3d import C3D
 
         net = C3D(num_classes)
+    elif architecture == "demo_gap_cnn":
+        from .classifier_demo import DemoClassifier
+
+        net = DemoClassifier(num_classes)
     else:
         raise ValueError(f"no eager module for architecture '{architecture}' (known: "
                          f"{', '.join((*RESNETS, *VIDEO_RESNETS))}, efficientnet_lite0, "
-                         "c3d_small)")
+                         "c3d_small, demo_gap_cnn)")
     if state is not None:
         net.load_state_dict(state)
     return net.eval()
