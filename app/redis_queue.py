@@ -40,6 +40,11 @@ GROUP = "workers"
 # (a failover, a dropped NAT entry); blocking reads wait at most MAX_BLOCK_MS, well within.
 SOCKET_TIMEOUT_S = 10.0
 MAX_BLOCK_MS = 5000
+# Connections per process. A burst of requests takes one each to enqueue; past this many
+# they wait for a free one (up to SOCKET_TIMEOUT_S). redis-py's plain pool fails at its
+# cap instead ("Too many connections", 100 by default in redis-py 8), which the api
+# answered as "Redis unreachable" 503s with the queue far below max_queue.
+MAX_CONNECTIONS = 100
 
 # Check the backlog and add the job in one step: checking, then adding, lets a burst of
 # concurrent requests all see room and overfill the queue past max_queue.
@@ -85,11 +90,12 @@ class RedisQueue(JobQueue):
         # A restarted Redis leaves every pooled connection stale: the first command on each
         # fails. Retried on a fresh connection (twice, quickly), a reply is not lost
         # to that and left for the visibility timeout. Still down: the error comes through.
-        self.redis = aioredis.Redis.from_url(
-            settings.redis_url, socket_connect_timeout=2, socket_timeout=SOCKET_TIMEOUT_S,
+        self.redis = aioredis.Redis.from_pool(aioredis.BlockingConnectionPool.from_url(
+            settings.redis_url, max_connections=MAX_CONNECTIONS, timeout=SOCKET_TIMEOUT_S,
+            socket_connect_timeout=2, socket_timeout=SOCKET_TIMEOUT_S,
             health_check_interval=10,
             retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), retries=2),
-            retry_on_error=[ConnectionError, TimeoutError])
+            retry_on_error=[ConnectionError, TimeoutError]))
         self.reply_stream = settings.key("replies", settings.api_id)
         self._xadd_if_room = self.redis.register_script(_XADD_IF_ROOM)
         self._progress_if_running = self.redis.register_script(_PROGRESS_IF_RUNNING)
