@@ -3,15 +3,23 @@ still gets exactly the answer it gets alone."""
 
 from __future__ import annotations
 
+import asyncio
 import re
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import httpx
 import pytest
 
+from cvserve.app.queue import Job, MemoryQueue, Reply, now_ms
+from cvserve.app.settings import Settings
 from cvserve.models.synthetic import make_scene
+from cvserve.worker.batcher import ModelRunner
+from cvserve.worker.repository import load_config
+from cvserve.worker.server import build_task
 
 from .conftest import Service, iou
+from .costed_models import PerCall, write_model
 
 # Photos of a few aspect ratios at many sizes: landscape 4:3, portrait 3:4, square, 16:9.
 SIZES = [(640, 480), (480, 360), (800, 600), (360, 480), (600, 800), (320, 320),
@@ -58,3 +66,32 @@ def test_batched_boxes_equal_unbatched(demo_service: Service, model: str) -> Non
     assert runs < 16, f"16 requests ran in {runs} executions"
     for a, b in zip(alone, together, strict=True):
         assert_same_detections(a, b)
+
+
+def test_a_redelivered_job_runs_in_a_batch_of_its_own(tmp_path: Path) -> None:
+    """A job reclaimed from a dead worker (deliveries > 1) may be what killed it: it runs
+    alone, so the first-time jobs queued with it still share their batch."""
+    write_model(tmp_path, "per-call", PerCall(5),
+                'policy = "fixed"\nmax_batch_size = 8\nmax_queue_delay_ms = 2000')
+    task = build_task(load_config(tmp_path / "per-call"), Settings(device="cpu"))
+    images = [make_scene(i, 160, 120).jpeg() for i in range(8)]
+
+    async def serve() -> tuple[list[int], list[Reply]]:
+        queue = MemoryQueue(max_queue=100, retry_after_s=1)
+        answers = [await queue.submit(Job(model="per-call", task="detection", payload=data,
+                                          deadline_ms=now_ms() + 60_000,
+                                          deliveries=2 if i % 2 else 1))
+                   for i, data in enumerate(images)]
+        runner = ModelRunner(task, queue, ThreadPoolExecutor(2))
+        runner.start()
+        try:
+            replies = await asyncio.wait_for(asyncio.gather(*answers), 60)
+        finally:
+            await runner.stop()
+        return runner.batch_sizes, replies
+
+    sizes, replies = asyncio.run(serve())
+    assert all(reply.ok for reply in replies), replies
+    # The 4 first deliveries wait for each other (max_queue_delay_ms) and share one batch;
+    # the 4 redelivered ones never join a batch.
+    assert sorted(sizes) == [1, 1, 1, 1, 4], sizes

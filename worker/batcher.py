@@ -98,7 +98,11 @@ class ModelRunner(StreamIntake):
     async def stop(self) -> None:
         for t in self._tasks:
             t.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._tasks:
+            # Bounded, as in RedisQueue.close: a fetch whose cancellation the Redis client
+            # loses (seen: intake left "cancelling" in a blocking XREADGROUP read, redis-py
+            # 8.1) must not hold the stop forever; closing the queue ends that read.
+            await asyncio.wait(self._tasks, timeout=5)
         # Batches on the model finish and answer (a finishing batch spawns its replies,
         # hence the loop); jobs not yet run are handed back by the queue's close.
         while self._replies:
@@ -231,8 +235,12 @@ class ModelRunner(StreamIntake):
         return self.tensors if job.task == "tensors" else self.task
 
     def _key(self, item: Prepared) -> Hashable:
-        """Jobs of one batch: the same kind (tensors or the task's), and the same key."""
-        return item.job.task == "tensors", self._task(item.job).batch_key(item)
+        """Jobs of one batch: the same kind (tensors or the task's), and the same key.
+        A job redelivered after a worker died holding it may be what killed that worker
+        (a poison job): it runs in a batch of its own, so the jobs it shared a batch with
+        are not lost with it again, and only it climbs to max_deliveries."""
+        key = item.job.task == "tensors", self._task(item.job).batch_key(item)
+        return (*key, item.job.id) if item.job.deliveries > 1 else key
 
     def _take(self, batch: list[Prepared], key: Hashable) -> None:
         """Move ready jobs that batch with `key` into `batch`, oldest first; the others keep
