@@ -1,4 +1,4 @@
-"""Box mAP of a detector on held-out synthetic scenes, scored by pycocotools' COCOeval."""
+"""Box and mask mAP of a detector on held-out synthetic scenes, scored by pycocotools' COCOeval."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import io
 
 import numpy as np
 import torch
+from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
@@ -22,8 +23,11 @@ def coco_ground_truth(scenes: list[Scene]) -> COCO:
                        "height": scene.image.height})
         for obj in scene.objects:
             x1, y1, x2, y2 = obj.box
+            rle = mask_utils.encode(np.asfortranarray(obj.mask.astype(np.uint8)))
             annotations.append({"id": len(annotations) + 1, "image_id": image_id,
                                 "category_id": obj.class_id, "bbox": [x1, y1, x2 - x1, y2 - y1],
+                                "segmentation": {"size": rle["size"],
+                                                 "counts": rle["counts"].decode()},
                                 "area": float(obj.mask.sum()), "iscrowd": 0})
     gt = COCO()
     gt.dataset = {"images": images, "annotations": annotations,
@@ -35,11 +39,20 @@ def coco_ground_truth(scenes: list[Scene]) -> COCO:
 
 def box_map(gt: COCO, detections: list[dict]) -> dict[str, float]:
     """detections: COCO results ({image_id, category_id, bbox xywh, score})."""
+    return _coco_map(gt, detections, "bbox")
+
+
+def mask_map(gt: COCO, detections: list[dict]) -> dict[str, float]:
+    """detections: COCO results with `segmentation` (RLE {size, counts})."""
+    return _coco_map(gt, detections, "segm")
+
+
+def _coco_map(gt: COCO, detections: list[dict], iou_type: str) -> dict[str, float]:
     if not detections:
         return {"map": 0.0, "map50": 0.0}
     with contextlib.redirect_stdout(io.StringIO()):
         dt = gt.loadRes(detections)
-        ev = COCOeval(gt, dt, "bbox")
+        ev = COCOeval(gt, dt, iou_type)
         ev.evaluate()
         ev.accumulate()
         ev.summarize()
