@@ -7,31 +7,17 @@ import io
 
 import numpy as np
 import torch
-from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from .synthetic import CLASSES, Scene, make_scene
+from .synthetic import Scene, coco_instances, make_scene
 
 HELD_OUT_SEED = 1_000_000  # training draws seeds far below this
 
 
 def coco_ground_truth(scenes: list[Scene]) -> COCO:
-    images, annotations = [], []
-    for image_id, scene in enumerate(scenes, start=1):
-        images.append({"id": image_id, "width": scene.image.width,
-                       "height": scene.image.height})
-        for obj in scene.objects:
-            x1, y1, x2, y2 = obj.box
-            rle = mask_utils.encode(np.asfortranarray(obj.mask.astype(np.uint8)))
-            annotations.append({"id": len(annotations) + 1, "image_id": image_id,
-                                "category_id": obj.class_id, "bbox": [x1, y1, x2 - x1, y2 - y1],
-                                "segmentation": {"size": rle["size"],
-                                                 "counts": rle["counts"].decode()},
-                                "area": float(obj.mask.sum()), "iscrowd": 0})
     gt = COCO()
-    gt.dataset = {"images": images, "annotations": annotations,
-                  "categories": [{"id": i + 1, "name": n} for i, n in enumerate(CLASSES)]}
+    gt.dataset = coco_instances(scenes)
     with contextlib.redirect_stdout(io.StringIO()):
         gt.createIndex()
     return gt
