@@ -117,6 +117,12 @@ def cmd_export(args: argparse.Namespace, settings: Settings) -> int:
             weights = DEMO_ACTIONS if args.weights == "default" else Path(args.weights)
             path = export_demo_actions(settings.model_repository, weights=weights, fmt=fmt,
                                        name=args.as_name or "demo-actions")
+        elif args.name == "demo-unet":
+            from cvserve.models.unet_demo import DEMO_UNET, export_demo_unet
+
+            weights = DEMO_UNET if args.weights == "default" else Path(args.weights)
+            path = export_demo_unet(settings.model_repository, args.as_name or "demo-unet",
+                                    weights)
         elif args.name == "demo-classifier":
             from cvserve.models.classifier_demo import DEMO_CLASSIFIER, export_demo_classifier
 
@@ -232,6 +238,28 @@ def cmd_train_demo(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def cmd_train_demo_masks(args: argparse.Namespace, settings: Settings) -> int:
+    from cvserve.models.evaluate import evaluate_eager
+    from cvserve.models.export import (
+        DEMO_MASK_WEIGHTS,
+        DEMO_WEIGHTS,
+        build_eager,
+        export_detector,
+    )
+    from cvserve.models.train import train_detector
+
+    init = DEMO_WEIGHTS if args.init is None else Path(args.init) if args.init else None
+    ckpt = train_detector("tiny_maskrcnn", Path(args.checkpoint or DEMO_MASK_WEIGHTS),
+                          steps=args.steps, seed=args.seed, lr=args.lr, init=init)
+    model, _ = build_eager("tiny_maskrcnn", str(ckpt))
+    scores = evaluate_eager(model)
+    print(f"held-out box mAP@0.5 {scores['map50']:.3f}, mask mAP@0.5 {scores['mask_map50']:.3f}")
+    path = export_detector("tiny_maskrcnn", settings.model_repository, weights=str(ckpt),
+                           name=args.as_name)
+    print(f"wrote {ckpt} and {path}")
+    return 0
+
+
 def cmd_predict(args: argparse.Namespace, settings: Settings) -> int:
     from .predict import TASKS, Options, predict
 
@@ -308,8 +336,9 @@ def parser() -> argparse.ArgumentParser:
                                   "mobilenet_v3_small-frames, mobilenet_v3_large-frames), "
                                   "efficientnet_lite0, an image classifier (resnet18, "
                                   "resnet50, ... the ResNet family), demo-actions (the "
-                                  "shipped demo action classifier) or demo-classifier (the "
-                                  "shipped demo image classifier)")
+                                  "shipped demo action classifier), demo-classifier (the "
+                                  "shipped demo image classifier) or demo-unet (the shipped "
+                                  "demo semantic segmenter)")
     exp.add_argument("--weights", default="default",
                      help="default (pretrained, downloaded) | random | PATH to a checkpoint")
     exp.add_argument("--format", default=None, choices=("onnx", "torchscript"),
@@ -343,6 +372,20 @@ def parser() -> argparse.ArgumentParser:
     actions.add_argument("--checkpoint", default=None,
                          help="where to write the weights (default: "
                               "models/demo/actions_c3d.pt)")
+    masks = models.add_parser("train-demo-masks",
+                              help="train the demo instance segmenter (a small Mask R-CNN) "
+                                   "on synthetic shapes, from the demo detector's weights")
+    masks.add_argument("--steps", type=int, default=300)
+    masks.add_argument("--seed", type=int, default=2,
+                       help="scenes seed × 1,000,003 + …: 0 is the detector's, 1 overlaps "
+                            "the held-out scenes")
+    masks.add_argument("--lr", type=float, default=0.01)
+    masks.add_argument("--init", default=None,
+                       help="start from this checkpoint (default: the demo detector's, "
+                            "models/demo/detector.pt; '' for random weights)")
+    masks.add_argument("--checkpoint", default=None,
+                       help="where to write the weights (default: models/demo/masks.pt)")
+    masks.add_argument("--as", dest="as_name", default="demo-masks")
     shapes = models.add_parser("train-demo-classifier",
                                help="train the demo image classifier (GAP + linear, for "
                                     "/explain) on synthetic shapes")
@@ -365,7 +408,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "models":
         handlers = {"export": cmd_export, "list": cmd_list, "pull": cmd_pull,
                     "train-demo": cmd_train_demo, "train-demo-actions": cmd_train_demo_actions,
-                    "train-demo-classifier": cmd_train_demo_classifier}
+                    "train-demo-classifier": cmd_train_demo_classifier,
+                    "train-demo-masks": cmd_train_demo_masks}
         return handlers[args.models_command](args, settings)
     return handlers[args.command](args, settings)
 

@@ -34,7 +34,7 @@ from torchvision.ops import box_iou
 
 from .detector_core import KeypointRCNNCore, MaskRCNNCore, detector_core
 from .synthetic import make_scene
-from .tiny import tiny_fasterrcnn
+from .tiny import tiny_fasterrcnn, tiny_maskrcnn
 
 log = logging.getLogger("cvserve.export")
 
@@ -54,6 +54,7 @@ DETECTORS = (
 )
 DEFAULT_DETECTOR = "fasterrcnn_mobilenet_v3_large_320_fpn"
 DEMO_WEIGHTS = Path(__file__).resolve().parent / "demo" / "detector.pt"
+DEMO_MASK_WEIGHTS = DEMO_WEIGHTS.with_name("masks.pt")  # tiny_maskrcnn, the demo segmenter
 # Cores whose fp16 results tests/test_gpu_path.py checks against fp32 (`allow_fp16` in
 # model.toml; the worker uses it only with CVSERVE_FP16 on a GPU); add others once checked.
 # Not the FPN Faster R-CNNs: their RoI pooler picks each box's FPN level from its area
@@ -75,12 +76,15 @@ class ExportError(Exception):
 def _builder(arch: str) -> Callable[..., nn.Module]:
     if arch == "tiny_fasterrcnn":
         return tiny_fasterrcnn
+    if arch == "tiny_maskrcnn":
+        return tiny_maskrcnn
     if arch not in DETECTORS:
         from .segment_export import SEGMENTERS  # imports this module: imported when needed
         from .video_export import FRAME_CLASSIFIERS, VIDEO_CLASSIFIERS, frame_model_name
 
         raise ExportError(f"unknown architecture '{arch}'; known detectors: "
-                          f"{', '.join((*DETECTORS, 'tiny_fasterrcnn'))}; semantic "
+                          f"{', '.join((*DETECTORS, 'tiny_fasterrcnn', 'tiny_maskrcnn'))}; "
+                          f"semantic "
                           f"segmenters: {', '.join(SEGMENTERS)}; video classifiers: "
                           f"{', '.join(VIDEO_CLASSIFIERS)}; frame-level video models: "
                           f"{', '.join(map(frame_model_name, FRAME_CLASSIFIERS))}")
@@ -221,7 +225,8 @@ def weights_kind(weights: str) -> str:
     """pretrained | demo | random, for the choice of a task's default model."""
     if weights == "random":
         return "random"
-    if weights != "default" and Path(weights).resolve() == DEMO_WEIGHTS.resolve():
+    if weights != "default" and Path(weights).resolve() in (DEMO_WEIGHTS.resolve(),
+                                                            DEMO_MASK_WEIGHTS.resolve()):
         return "demo"
     return "pretrained"
 

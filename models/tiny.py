@@ -1,4 +1,5 @@
-"""A small Faster R-CNN built from torchvision's detection parts, for the demo detector.
+"""A small Faster R-CNN (the demo detector) and Mask R-CNN (the demo instance segmenter)
+built from torchvision's detection parts.
 
 torchvision's smallest detector (MobileNetV3 + FPN) has ~19M parameters, mostly in its
 1024-wide box head: 75 MB and ~3 s per training step on 2 CPU cores. This one keeps the
@@ -9,9 +10,10 @@ backbone and a 128-wide head: ~1M parameters, so it trains in minutes and ships 
 from __future__ import annotations
 
 from torch import nn
-from torchvision.models.detection import FasterRCNN
+from torchvision.models.detection import FasterRCNN, MaskRCNN
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
+from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
 from torchvision.ops import MultiScaleRoIAlign
 
 
@@ -32,19 +34,40 @@ class TinyBackbone(nn.Sequential):
         super().__init__(_stage(3, 24), _stage(24, 48), _stage(48, 64), _stage(64, 96))
 
 
-def tiny_fasterrcnn(num_classes: int = 5, weights: None = None, weights_backbone: None = None,
-                    **kwargs: object) -> FasterRCNN:
-    """Same signature as torchvision's builders (weights must be None: none are published)."""
+def _parts(weights: object, weights_backbone: object, kwargs: dict[str, object]
+           ) -> dict[str, object]:
+    """What the tiny detectors share: backbone, anchors, box RoI pooling and head, and the
+    sizes they were trained at."""
     if weights is not None or weights_backbone is not None:
-        raise ValueError("tiny_fasterrcnn has no published weights; train it with "
-                         "`cvserve models train-demo`")
-    anchors = AnchorGenerator(sizes=((24, 48, 96, 160),), aspect_ratios=((0.5, 1.0, 2.0),))
-    roi_pool = MultiScaleRoIAlign(featmap_names=["0"], output_size=7, sampling_ratio=2)
-    head = TwoMLPHead(TinyBackbone.out_channels * 7 * 7, 128)
+        raise ValueError("the tiny detectors have no published weights; train them with "
+                         "`cvserve models train-demo` / `train-demo-masks`")
     defaults = {"min_size": 320, "max_size": 512, "rpn_pre_nms_top_n_test": 300,
                 "rpn_post_nms_top_n_test": 100, "rpn_batch_size_per_image": 128,
                 "box_batch_size_per_image": 128}
     defaults.update(kwargs)
-    return FasterRCNN(TinyBackbone(), num_classes=None, rpn_anchor_generator=anchors,
-                      box_roi_pool=roi_pool, box_head=head,
-                      box_predictor=FastRCNNPredictor(128, num_classes), **defaults)
+    return {"backbone": TinyBackbone(), "num_classes": None,
+            "rpn_anchor_generator": AnchorGenerator(sizes=((24, 48, 96, 160),),
+                                                    aspect_ratios=((0.5, 1.0, 2.0),)),
+            "box_roi_pool": MultiScaleRoIAlign(featmap_names=["0"], output_size=7,
+                                               sampling_ratio=2),
+            "box_head": TwoMLPHead(TinyBackbone.out_channels * 7 * 7, 128), **defaults}
+
+
+def tiny_fasterrcnn(num_classes: int = 5, weights: None = None, weights_backbone: None = None,
+                    **kwargs: object) -> FasterRCNN:
+    """Same signature as torchvision's builders (weights must be None: none are published)."""
+    return FasterRCNN(box_predictor=FastRCNNPredictor(128, num_classes),
+                      **_parts(weights, weights_backbone, kwargs))
+
+
+def tiny_maskrcnn(num_classes: int = 5, weights: None = None, weights_backbone: None = None,
+                  **kwargs: object) -> MaskRCNN:
+    """tiny_fasterrcnn's parts (same parameter names, so the demo detector's weights load
+    into them) plus Mask R-CNN's mask branch, narrowed: 14x14 RoIAlign, two 64-wide 3x3
+    convolutions, a transposed convolution to 28x28 masks per class."""
+    return MaskRCNN(box_predictor=FastRCNNPredictor(128, num_classes),
+                    mask_roi_pool=MultiScaleRoIAlign(featmap_names=["0"], output_size=14,
+                                                     sampling_ratio=2),
+                    mask_head=MaskRCNNHeads(TinyBackbone.out_channels, [64, 64], 1),
+                    mask_predictor=MaskRCNNPredictor(64, 64, num_classes),
+                    **_parts(weights, weights_backbone, kwargs))

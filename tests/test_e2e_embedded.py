@@ -88,16 +88,19 @@ def test_fresh_repository_serves_demo_models_a_segmenter_and_a_classifier_offlin
     try:
         svc.wait_ready(timeout=180)
         models = {m["name"]: m for m in httpx.get(f"{svc.url}/models").json()["models"]}
-        assert set(models) == {"demo-detector", "lraspp_mobilenet_v3_large", "demo-actions",
+        assert set(models) == {"demo-detector", "demo-unet", "demo-actions",
                                "efficientnet-lite0"}
         assert "demo" in svc.log()
-        # The quick start answers /segment too (random weights offline: says so).
-        assert models["lraspp_mobilenet_v3_large"]["weights_kind"] == "random"
+        # The quick start answers /segment too: the demo U-Net, trained on the shapes.
+        assert models["demo-unet"]["weights_kind"] == "demo"
+        scene = make_scene(5, 320, 240)
         segment = httpx.post(f"{svc.url}/segment", timeout=60,
-                             files={"file": ("s.jpg", make_scene(5, 320, 240).jpeg())}).json()
-        assert segment["model"] == "lraspp_mobilenet_v3_large"
+                             files={"file": ("s.jpg", scene.jpeg())}).json()
+        assert segment["model"] == "demo-unet"
         assert segment["image"] == {"width": 320, "height": 240}
         assert sum(c["fraction"] for c in segment["classes"]) == pytest.approx(1, abs=1e-4)
+        found = {c["label"] for c in segment["classes"]}
+        assert "background" in found and found & {o.label for o in scene.objects}, found
         # And /classify-video: the demo action classifier, trained on generated videos.
         assert models["demo-actions"]["weights_kind"] == "demo"
         for label, seed in DEMO_ACTION_CLIPS:

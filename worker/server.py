@@ -135,9 +135,11 @@ def build_default_detector(settings: Settings) -> ModelConfig:
 
 
 def build_default_segmenter(settings: Settings) -> ModelConfig:
-    """torchvision's pretrained LR-ASPP when it downloads, else random weights."""
+    """torchvision's pretrained LR-ASPP when it downloads, else the project's demo U-Net
+    (shipped weights; it knows the synthetic shapes only), else random weights."""
     from cvserve.models.export import ExportError
     from cvserve.models.segment_export import export_segmenter
+    from cvserve.models.unet_demo import DEMO_UNET, export_demo_unet
 
     repo = settings.model_repository
     log.warning("no segmentation model in %s: building one", repo)
@@ -145,6 +147,10 @@ def build_default_segmenter(settings: Settings) -> ModelConfig:
         return load_config(export_segmenter(DEFAULT_SEGMENTER, repo, weights="default"))
     except ExportError as exc:
         log.warning("%s", exc)
+    if DEMO_UNET.is_file():
+        log.warning("serving the demo U-Net segmenter (trained on generated shapes: circle, "
+                    "square, triangle, star; see models/demo/README.md)")
+        return load_config(export_demo_unet(repo))
     log.warning("using RANDOM weights for %s: it segments nothing meaningful. Export a "
                 "real model with `cvserve models export`", DEFAULT_SEGMENTER)
     return load_config(export_segmenter(DEFAULT_SEGMENTER, repo, weights="random"))
