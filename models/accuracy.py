@@ -3,7 +3,7 @@ held-out synthetic data (seeds never trained on), scored with standard tools.
 
 - detection: POST /detect; box mAP@0.5 and mAP@[.5:.95] by pycocotools' COCOeval (bbox);
 - instance masks: POST /detect?mask_format=rle; mask mAP by COCOeval (segm);
-- semantic segmentation: POST /segment?format=json; mean IoU over background + classes;
+- semantic segmentation: POST /segment; mean IoU over background + the classes;
 - video classification: POST /classify-video?clips=true; top-1 of each 0.4 s window
   (models/video_accuracy.py);
 - temporal localization: POST /classify-video?localize=true; mAP at tIoU 0.3 / 0.5 / 0.7,
@@ -14,13 +14,15 @@ held-out synthetic data (seeds never trained on), scored with standard tools.
 A task whose model is not served (or not given) is reported as such, with what would
 serve it; the table says which rows meet the project's targets (issue 3).
 
-    python bench/accuracy.py                       # exports the demo models, starts `cvserve run`
+    python bench/accuracy.py       # exports the demo models, starts `cvserve run` on them
     python bench/accuracy.py --url http://127.0.0.1:8000 --detector demo-detector
 """
 
 from __future__ import annotations
 
 import argparse
+import base64
+import io
 import json
 import sys
 import tempfile
@@ -31,6 +33,7 @@ from typing import Any
 
 import httpx
 import numpy as np
+from PIL import Image
 
 from . import explain_accuracy, video_accuracy
 from .evaluate import HELD_OUT_SEED as DETECTION_SEED
@@ -41,11 +44,8 @@ from .synthetic import CLASSES, make_scene
 TARGETS = {"box mAP@0.5": 0.90, "mask mAP@0.5": 0.85, "mIoU": 0.85, "video top-1": 0.95,
            "temporal mAP@0.5": 0.80, "pointing game (cam)": 0.90,
            "pointing game (gradcam)": 0.90}
-DEMO_MODELS = {"detector": "demo-detector", "instance": None, "semantic": None,
+DEMO_MODELS = {"detector": "demo-detector", "instance": "demo-masks", "semantic": "demo-unet",
                "video": video_accuracy.DEMO_MODEL, "classifier": "demo-classifier"}
-# What serves a task that has no demo model yet (printed in its row).
-MISSING = {"instance": "no demo instance segmenter yet (issue 3): pass --instance MODEL",
-           "semantic": "no demo semantic segmenter yet (issue 3): pass --semantic MODEL"}
 
 
 @dataclass
@@ -110,21 +110,24 @@ def detection(url: str, model: str, n: int, masks: bool = False) -> list[Row]:
 
 
 def semantic(url: str, model: str, n: int) -> list[Row]:
-    """Mean IoU over background + CLASSES on scenes DETECTION_SEED .. + n - 1; the served
-    label map's labels are matched to the world's by name ("background" is class 0)."""
+    """Mean IoU over background + CLASSES on scenes DETECTION_SEED .. + n - 1, at the
+    photo's resolution; the served classes are matched to the world's by name
+    ("background" or "__background__" is class 0, any other foreign label counts as 0)."""
     names = ["background", *CLASSES]
     confusion = np.zeros((len(names), len(names)), dtype=np.int64)
     with httpx.Client(base_url=url, timeout=120, trust_env=False) as client:
         for i in range(n):
             scene = make_scene(DETECTION_SEED + i)
-            answer = _post(client, "/segment", scene.jpeg(), model=model, format="json")
-            served = np.asarray(answer["label_map"], dtype=np.int64)
-            lookup = np.array([names.index(c["label"]) if c["label"] in names else 0
-                               for c in answer["classes"]])
+            answer = _post(client, "/segment", scene.jpeg(), model=model)
+            png = base64.b64decode(answer["label_map"]["data"])
+            with Image.open(io.BytesIO(png)) as im:
+                served = np.array(im, dtype=np.int64)  # the served class ids
+            lookup = np.zeros(max(served.max(), *(c["class_id"] for c in answer["classes"]))
+                              + 1, dtype=np.int64)
+            for c in answer["classes"]:
+                lookup[c["class_id"]] = names.index(c["label"]) if c["label"] in names else 0
             predicted = lookup[served]
-            truth = np.zeros(predicted.shape, dtype=np.int64)
-            for obj in scene.objects:
-                truth[obj.mask] = obj.class_id
+            truth = scene.label_map().astype(np.int64)
             confusion += np.bincount(truth.ravel() * len(names) + predicted.ravel(),
                                      minlength=len(names) ** 2).reshape(len(names), -1)
     inter = np.diag(confusion)
@@ -165,7 +168,7 @@ def run(url: str, models: dict[str, str | None], n: int = 50, videos: int = 5) -
     for role, (task, score) in plan.items():
         model = models.get(role)
         if model is None:
-            rows.append(Row(task, None, "", None, 0, MISSING.get(role, "no model given")))
+            rows.append(Row(task, None, "", None, 0, "no model given"))
         elif model not in served:
             rows.append(Row(task, model, "", None, 0, f"{model} is not served at {url}"))
         else:
@@ -187,11 +190,15 @@ def table(rows: list[Row]) -> str:
 def export_demo_models(repository: Path) -> None:
     """The shipped demo models, exported as `cvserve run` would serve them."""
     from .classifier_demo import export_demo_classifier
-    from .export import DEMO_WEIGHTS, export_detector
+    from .export import DEMO_MASK_WEIGHTS, DEMO_WEIGHTS, export_detector
     from .train_video import export_demo_actions
+    from .unet_demo import export_demo_unet
 
     export_detector("tiny_fasterrcnn", repository, weights=str(DEMO_WEIGHTS),
                     name=DEMO_MODELS["detector"])
+    export_detector("tiny_maskrcnn", repository, weights=str(DEMO_MASK_WEIGHTS),
+                    name=DEMO_MODELS["instance"])
+    export_demo_unet(repository, DEMO_MODELS["semantic"])
     export_demo_actions(repository)
     export_demo_classifier(repository, DEMO_MODELS["classifier"])
 
