@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import tempfile
 import time
 from collections import OrderedDict
 from collections.abc import Iterator
@@ -32,7 +31,7 @@ from cvserve.worker.imaging import decode_rgb
 from cvserve.worker.preprocess import preprocess
 from cvserve.worker.repository import InputSpec
 
-from .export import ExportError, _quiet_exporters, move_into_place, write_model_toml
+from .export import ExportError, _quiet_exporters, export_scripted
 from .synthetic import CLASSES, Scene, make_scene
 
 log = logging.getLogger("cvserve.train")
@@ -345,29 +344,20 @@ def verify(model: DemoClassifier, artifact: Path) -> str:
 
 def export_demo_classifier(repository: Path, name: str = "demo-classifier",
                            weights: Path = DEMO_CLASSIFIER) -> Path:
-    """Check and write `repository/name/` (model.toml, labels.txt, model.pt)."""
+    """Check and write `repository/name/` (model.toml, labels.txt, model.pt, and
+    weights.pt: /explain's gradient methods rebuild the eager module from it)."""
     model = load_demo_classifier(Path(weights))
-    repository = Path(repository)
-    with tempfile.TemporaryDirectory(dir=repository.parent if repository.exists() else None
-                                     ) as tmp:
-        out = Path(tmp) / name
-        out.mkdir()
-        # Scripted: no data-dependent control flow either way, and any batch size.
-        with _quiet_exporters():
-            torch.jit.script(LogitsAndFeatures(model).eval()).save(str(out / "model.pt"))
-        log.info("checked %s against the eager model: %s", name, verify(model, out / "model.pt"))
-        (out / "labels.txt").write_text("\n".join(CLASSES) + "\n")
-        # /explain's gradient methods rebuild the eager module from this state dict.
-        torch.save(model.state_dict(), out / "weights.pt")
-        write_model_toml(out / "model.toml", {
-            "task": "classification", "backend": "torchscript", "file": "model.pt",
-            "architecture": ARCH,
-            "weights": f"demo ({Path(weights).name}, trained on models/synthetic.py)",
-            "weights_kind": "demo", "labels": "labels.txt",
-            "inputs": ["images"], "outputs": ["logits", "features"],
-        }, {"input": INPUT, "output": OUTPUT, "batching": BATCHING,
-            "explain": {"weights": "weights.pt", "layer": EXPLAIN_LAYER, "head": "fc"}})
-        return move_into_place(out, repository, name)
+    # Scripted: no data-dependent control flow, and any batch size.
+    return export_scripted(repository, name, LogitsAndFeatures(model),
+                           lambda artifact: verify(model, artifact), CLASSES, {
+        "task": "classification", "backend": "torchscript", "file": "model.pt",
+        "architecture": ARCH,
+        "weights": f"demo ({Path(weights).name}, trained on models/synthetic.py)",
+        "weights_kind": "demo", "labels": "labels.txt",
+        "inputs": ["images"], "outputs": ["logits", "features"],
+    }, {"input": INPUT, "output": OUTPUT, "batching": BATCHING,
+        "explain": {"weights": "weights.pt", "layer": EXPLAIN_LAYER, "head": "fc"}},
+        state=model.state_dict())
 
 
 def main() -> None:

@@ -413,6 +413,28 @@ def export_detector(arch: str, repository: Path, *, weights: str = "default",
         return move_into_place(out, repository, name)
 
 
+def export_scripted(repository: Path, name: str, module: nn.Module,
+                    verify: Callable[[Path], str], labels: list[str] | tuple[str, ...],
+                    top: dict, sections: dict[str, dict], state: dict | None = None) -> Path:
+    """A scripted model's folder (the demo classifier's and U-Net's): `module` scripted to
+    model.pt and checked by `verify` (raises ExportError; returns what it measured),
+    labels.txt, model.toml (`top` and `sections`) and, given a `state` dict, weights.pt
+    (/explain's eager module); built beside the repository, then moved into place."""
+    repository = Path(repository)
+    with tempfile.TemporaryDirectory(dir=repository.parent if repository.exists() else None
+                                     ) as tmp:
+        out = Path(tmp) / name
+        out.mkdir()
+        with _quiet_exporters():
+            torch.jit.script(module.eval()).save(str(out / "model.pt"))
+        log.info("checked %s against the eager model: %s", name, verify(out / "model.pt"))
+        (out / "labels.txt").write_text("\n".join(labels) + "\n")
+        if state is not None:
+            torch.save(state, out / "weights.pt")
+        write_model_toml(out / "model.toml", top, sections)
+        return move_into_place(out, repository, name)
+
+
 def move_into_place(built: Path, repository: Path, name: str) -> Path:
     """A model folder built (and checked) elsewhere becomes `repository/name`, replacing
     any older one: a half-built model never appears there."""

@@ -29,7 +29,6 @@ import logging
 import math
 import multiprocessing
 import os
-import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -44,7 +43,7 @@ from cvserve.worker.preprocess import preprocess
 from cvserve.worker.repository import InputSpec
 
 from .classifier_demo import EdgeStem
-from .export import ExportError, _quiet_exporters, move_into_place, write_model_toml
+from .export import ExportError, _quiet_exporters, export_scripted
 from .synthetic import CLASSES, Scene, make_scene
 
 log = logging.getLogger("cvserve.train")
@@ -359,24 +358,15 @@ def export_demo_unet(repository: Path, name: str = "demo-unet",
                      weights: Path = DEMO_UNET) -> Path:
     """Check and write `repository/name/` (model.toml, labels.txt, model.pt)."""
     model = load_demo_unet(Path(weights))
-    repository = Path(repository)
-    with tempfile.TemporaryDirectory(dir=repository.parent if repository.exists() else None
-                                     ) as tmp:
-        out = Path(tmp) / name
-        out.mkdir()
-        # Scripted: no data-dependent control flow, any batch size.
-        with _quiet_exporters():
-            torch.jit.script(model).save(str(out / "model.pt"))
-        log.info("checked %s against the eager model: %s", name, verify(model, out / "model.pt"))
-        (out / "labels.txt").write_text("\n".join(LABELS) + "\n")
-        write_model_toml(out / "model.toml", {
-            "task": "semantic-segmentation", "backend": "torchscript", "file": "model.pt",
-            "architecture": ARCH,
-            "weights": f"demo ({Path(weights).name}, trained on models/synthetic.py)",
-            "weights_kind": "demo", "labels": "labels.txt",
-            "inputs": ["images"], "outputs": ["logits"],
-        }, {"input": INPUT, "output": OUTPUT, "batching": BATCHING})
-        return move_into_place(out, repository, name)
+    # Scripted: no data-dependent control flow, any batch size.
+    return export_scripted(repository, name, model, lambda artifact: verify(model, artifact),
+                           LABELS, {
+        "task": "semantic-segmentation", "backend": "torchscript", "file": "model.pt",
+        "architecture": ARCH,
+        "weights": f"demo ({Path(weights).name}, trained on models/synthetic.py)",
+        "weights_kind": "demo", "labels": "labels.txt",
+        "inputs": ["images"], "outputs": ["logits"],
+    }, {"input": INPUT, "output": OUTPUT, "batching": BATCHING})
 
 
 def main() -> None:
