@@ -307,14 +307,16 @@ def evaluate(model: DemoClassifier, n: int = 200, seed: int = HELD_OUT_SEED,
 
 # --- export -------------------------------------------------------------------------------
 
+def served_inputs(jpegs: list[bytes], spec: InputSpec) -> torch.Tensor:
+    """JPEGs decoded and preprocessed as the server does. # [n, 3, H, W] (spec's dtype)"""
+    return torch.stack([torch.from_numpy(preprocess(decode_rgb(jpeg, 10**8)[0], spec)[0])
+                        for jpeg in jpegs])
+
+
 def check_batch(n: int = 3) -> torch.Tensor:
     """Held-out-style scenes through the serving preprocess. # [n, 3, 128, 128] float32"""
-    spec = InputSpec(**INPUT)
-    images = []
-    for jpeg, _, _ in pointing_scenes(n, seed=HELD_OUT_SEED + 500_000):
-        rgb, _ = decode_rgb(jpeg, 10**8)
-        images.append(torch.from_numpy(preprocess(rgb, spec)[0]))
-    return torch.stack(images)
+    return served_inputs([jpeg for jpeg, _, _ in pointing_scenes(n, HELD_OUT_SEED + 500_000)],
+                         InputSpec(**INPUT))
 
 
 def verify(model: DemoClassifier, artifact: Path) -> str:

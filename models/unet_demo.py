@@ -42,7 +42,7 @@ from cvserve.worker.imaging import decode_rgb
 from cvserve.worker.preprocess import preprocess
 from cvserve.worker.repository import InputSpec
 
-from .classifier_demo import EdgeStem
+from .classifier_demo import EdgeStem, served_inputs
 from .export import ExportError, _quiet_exporters, export_scripted
 from .synthetic import CLASSES, Scene, make_scene
 
@@ -328,12 +328,8 @@ def summarize(matrix: np.ndarray, scenes: int) -> dict:
 def check_batch(n: int = 3) -> torch.Tensor:
     """Scenes of neither the training nor the held-out seeds, through the serving
     preprocess. # [n, 3, 160, 160] float32"""
-    spec = InputSpec(**INPUT)
-    images = []
-    for jpeg, _ in held_out_scenes(n, CHECK_SEED):
-        rgb, _ = decode_rgb(jpeg, 10**8)
-        images.append(torch.from_numpy(preprocess(rgb, spec)[0]))
-    return torch.stack(images)
+    return served_inputs([jpeg for jpeg, _ in held_out_scenes(n, CHECK_SEED)],
+                         InputSpec(**INPUT))
 
 
 def verify(model: DemoUNet, artifact: Path) -> str:
