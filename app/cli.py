@@ -246,7 +246,7 @@ def cmd_train_demo_masks(args: argparse.Namespace, settings: Settings) -> int:
         build_eager,
         export_detector,
     )
-    from cvserve.models.train import train_detector
+    from cvserve.models.train import train_detector, write_box_parts
 
     init = DEMO_WEIGHTS if args.init is None else Path(args.init) if args.init else None
     ckpt = train_detector("tiny_maskrcnn", Path(args.checkpoint or DEMO_MASK_WEIGHTS),
@@ -257,6 +257,11 @@ def cmd_train_demo_masks(args: argparse.Namespace, settings: Settings) -> int:
     path = export_detector("tiny_maskrcnn", settings.model_repository, weights=str(ckpt),
                            name=args.as_name)
     print(f"wrote {ckpt} and {path}")
+    if args.detector_out:
+        boxes = write_box_parts(ckpt, Path(args.detector_out))
+        path = export_detector("tiny_fasterrcnn", settings.model_repository,
+                               weights=str(boxes), name="demo-detector")
+        print(f"wrote {boxes} (its box parts, a tiny_fasterrcnn) and {path}")
     return 0
 
 
@@ -386,6 +391,10 @@ def parser() -> argparse.ArgumentParser:
     masks.add_argument("--checkpoint", default=None,
                        help="where to write the weights (default: models/demo/masks.pt)")
     masks.add_argument("--as", dest="as_name", default="demo-masks")
+    masks.add_argument("--detector-out", default=None, metavar="PATH",
+                       help="also write its box parts (all but the mask branch) as a "
+                            "tiny_fasterrcnn checkpoint here and export them as demo-detector "
+                            "(how models/demo/detector.pt is made)")
     shapes = models.add_parser("train-demo-classifier",
                                help="train the demo image classifier (GAP + linear, for "
                                     "/explain) on synthetic shapes")

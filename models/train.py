@@ -70,3 +70,17 @@ def train_detector(arch: str, out: Path, *, steps: int = 300, batch_size: int = 
     state = model.state_dict()
     torch.save({"model": {**state, "_labels": labels}}, out)
     return out
+
+
+def write_box_parts(ckpt: Path, out: Path, arch: str = "tiny_fasterrcnn") -> Path:
+    """Write the parameters of `ckpt` that detector `arch` has (a Mask R-CNN checkpoint
+    without its mask branch) as a checkpoint of `arch`: multi-task training of the shared
+    parts on masks as well as boxes left them better at boxes than box training alone."""
+    state = torch.load(ckpt, map_location="cpu", weights_only=True)["model"]
+    labels = state.pop("_labels")
+    model = _builder(arch)(weights=None, weights_backbone=None, num_classes=len(labels))
+    wanted = model.state_dict().keys()
+    model.load_state_dict({k: v for k, v in state.items() if k in wanted})  # strict
+    out.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"model": {**model.state_dict(), "_labels": labels}}, out)
+    return out

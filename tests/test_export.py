@@ -9,6 +9,7 @@ import sys
 import tomllib
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from cvserve.app.settings import Settings
@@ -62,6 +63,29 @@ def test_trained_detector_artifact_matches_eager_model(fmt: str, demo_checkpoint
     pairs = [tuple(map(int, r.split("/"))) for r in report.split()]
     assert sum(d for _, d in pairs) >= 10, f"too few detections to compare: {report}"
     assert all(m == d for m, d in pairs), report
+
+
+def test_box_parts_of_the_mask_model_detect_what_it_detects(tmp_path: Path) -> None:
+    """models/demo/detector.pt is written from the mask model's checkpoint: the Faster
+    R-CNN built from its box parts finds the same boxes, labels and scores as the Mask
+    R-CNN they came from."""
+    import torch
+
+    from cvserve.models.export import DEMO_MASK_WEIGHTS
+    from cvserve.models.synthetic import make_scene
+    from cvserve.models.train import write_box_parts
+
+    boxes_only = write_box_parts(DEMO_MASK_WEIGHTS, tmp_path / "boxes.pt")
+    detector, _ = build_eager("tiny_fasterrcnn", str(boxes_only))
+    masks, _ = build_eager("tiny_maskrcnn", str(DEMO_MASK_WEIGHTS))
+    images = [torch.from_numpy(np.asarray(make_scene(1_000_000 + i).image).copy())
+              .permute(2, 0, 1).float() / 255 for i in range(3)]
+    with torch.inference_mode():
+        got, want = detector(images), masks(images)
+    assert sum(len(w["boxes"]) for w in want) >= 3
+    for g, w in zip(got, want, strict=True):
+        for key in ("boxes", "labels", "scores"):
+            torch.testing.assert_close(g[key], w[key])
 
 
 def test_checkpoint_of_another_architecture_is_refused(demo_checkpoint: Path,
