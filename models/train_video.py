@@ -32,6 +32,7 @@ from cvserve.worker.video import VideoLimits, clip_starts, probe_video, read_cli
 from .c3d import C3D
 from .export import ExportError, _quiet_exporters, move_into_place, write_model_toml
 from .synthetic_video import LABELS, make_action_clip, make_action_video
+from .video_accuracy import CLEAR_COVER
 
 log = logging.getLogger("cvserve.train")
 
@@ -190,7 +191,7 @@ def evaluate_actions(model: C3D, num_videos: int = 20, first_seed: int = HELD_OU
                      ) -> dict[str, float]:
     """Clip accuracy on held-out videos: every localization window of each, decoded from
     its MP4 and preprocessed as the server does, against the window's majority label.
-    `clear`: only windows that one label covers for >= 75 %."""
+    `clear`: only windows that one label covers for >= CLEAR_COVER (75 %)."""
     spec = InputSpec(**INPUT)
     right = total = clear_right = clear_total = 0
     model.eval()
@@ -207,7 +208,7 @@ def evaluate_actions(model: C3D, num_videos: int = 20, first_seed: int = HELD_OU
             cover = video.clip_coverage(start, CLIP_LEN, FRAME_RATE)
             hit = p == int(np.argmax(cover))
             right, total = right + hit, total + 1
-            if cover.max() >= 0.75:
+            if cover.max() >= CLEAR_COVER:
                 clear_right, clear_total = clear_right + hit, clear_total + 1
     return {"accuracy": right / total, "clear_accuracy": clear_right / max(clear_total, 1),
             "windows": total, "clear_windows": clear_total}
