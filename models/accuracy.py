@@ -139,7 +139,8 @@ def semantic(url: str, model: str, n: int) -> list[Row]:
 def video(url: str, model: str, videos: int) -> list[Row]:
     s = video_accuracy.evaluate(url, model, videos)
     clips = f"{s['clips']} windows of {videos} videos"
-    clear = f"{s['clear_clips']} of those windows; one label covers >= 75 % of each"
+    clear = (f"{s['clear_clips']} of those windows; one label covers "
+             f">= {video_accuracy.CLEAR_COVER:.0%} of each")
     return [Row("video classification", model, "video top-1", s["clip_accuracy"], videos, clips),
             Row("video classification", model, "video top-1 (clear windows)",
                 s["clear_clip_accuracy"], videos, clear),

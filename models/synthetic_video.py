@@ -104,6 +104,10 @@ def clip_coverage(segments: list[Segment], start_s: float, window_s: float) -> n
     return out
 
 
+# A window that one label covers this much of is "clear"; the others straddle a boundary.
+CLEAR_COVER = 0.75
+
+
 def clip_label(segments: list[Segment], start_s: float, window_s: float) -> str:
     """The label covering most of the window (ties go to BACKGROUND)."""
     return LABELS[int(np.argmax(clip_coverage(segments, start_s, window_s)))]

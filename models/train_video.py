@@ -31,8 +31,7 @@ from cvserve.worker.video import VideoLimits, clip_starts, probe_video, read_cli
 
 from .c3d import C3D
 from .export import ExportError, _quiet_exporters, move_into_place, write_model_toml
-from .synthetic_video import LABELS, make_action_clip, make_action_video
-from .video_accuracy import CLEAR_COVER
+from .synthetic_video import CLEAR_COVER, LABELS, make_action_clip, make_action_video
 
 log = logging.getLogger("cvserve.train")
 
