@@ -163,12 +163,17 @@ def _uint8_spec() -> InputSpec:
     return InputSpec(**{**INPUT, "dtype": "uint8"})
 
 
+def served_input(jpeg: bytes, spec: InputSpec) -> tuple[torch.Tensor, tuple[int, int]]:
+    """A JPEG decoded and preprocessed as the server does (worker/preprocess).
+    # -> [3, H, W] in spec's dtype, the image's (width, height)"""
+    rgb, info = decode_rgb(jpeg, 10**8)
+    return torch.from_numpy(preprocess(rgb, spec)[0]), (info.width, info.height)
+
+
 def model_input(jpeg: bytes) -> tuple[torch.Tensor, tuple[int, int]]:
     """A JPEG decoded and resized as the server does.
     # -> uint8 [3, 128, 128], the image's (width, height)"""
-    rgb, info = decode_rgb(jpeg, 10**8)
-    pixels, _ = preprocess(rgb, _uint8_spec())
-    return torch.from_numpy(pixels), (info.width, info.height)
+    return served_input(jpeg, _uint8_spec())
 
 
 def normalize(images: torch.Tensor) -> torch.Tensor:
@@ -309,8 +314,7 @@ def evaluate(model: DemoClassifier, n: int = 200, seed: int = HELD_OUT_SEED,
 
 def served_inputs(jpegs: list[bytes], spec: InputSpec) -> torch.Tensor:
     """JPEGs decoded and preprocessed as the server does. # [n, 3, H, W] (spec's dtype)"""
-    return torch.stack([torch.from_numpy(preprocess(decode_rgb(jpeg, 10**8)[0], spec)[0])
-                        for jpeg in jpegs])
+    return torch.stack([served_input(jpeg, spec)[0] for jpeg in jpegs])
 
 
 def check_batch(n: int = 3) -> torch.Tensor:

@@ -38,11 +38,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cvserve.worker.imaging import decode_rgb
-from cvserve.worker.preprocess import preprocess
 from cvserve.worker.repository import InputSpec
 
-from .classifier_demo import EdgeStem, served_inputs
+from .classifier_demo import EdgeStem, served_input, served_inputs
 from .export import ExportError, _quiet_exporters, export_scripted
 from .synthetic import CLASSES, Scene, make_scene
 
@@ -179,8 +177,7 @@ def _training_sample(seed: int) -> tuple[np.ndarray, np.ndarray]:
     class shares uint8 [5, 160, 160])."""
     torch.set_num_threads(1)  # one scene per process, as many processes as cores
     scene = make_scene(seed)
-    rgb, _ = decode_rgb(scene.jpeg(), 10**8)
-    return preprocess(rgb, _uint8_spec())[0], class_shares(label_map(scene))
+    return served_input(scene.jpeg(), _uint8_spec())[0].numpy(), class_shares(label_map(scene))
 
 
 def _pool(n: int, seed: int = 0, workers: int | None = None
@@ -289,14 +286,11 @@ def predict(model: nn.Module, jpegs: list[bytes]) -> list[np.ndarray]:
     """Label maps at each image's own size: served preprocessing, logits resized to the
     original bilinearly, argmax (what /segment answers). # -> [H, W] uint8 each"""
     spec = InputSpec(**INPUT)
-    inputs, sizes = [], []
-    for jpeg in jpegs:
-        rgb, info = decode_rgb(jpeg, 10**8)
-        inputs.append(torch.from_numpy(preprocess(rgb, spec)[0]))
-        sizes.append((info.height, info.width))
+    inputs, sizes = zip(*(served_input(jpeg, spec) for jpeg in jpegs), strict=True)
     logits = model(torch.stack(inputs))
-    return [F.interpolate(one[None], size=size, mode="bilinear", align_corners=False)[0]
-            .argmax(0).to(torch.uint8).numpy() for one, size in zip(logits, sizes, strict=True)]
+    return [F.interpolate(one[None], size=(height, width), mode="bilinear",
+                          align_corners=False)[0].argmax(0).to(torch.uint8).numpy()
+            for one, (width, height) in zip(logits, sizes, strict=True)]
 
 
 def evaluate(model: nn.Module, n: int = 200, seed: int = HELD_OUT_SEED,
