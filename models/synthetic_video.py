@@ -90,6 +90,29 @@ class ActionVideo:
         """Share of the clip's window each of LABELS covers # [len(LABELS)], sums to 1."""
         return clip_coverage(self.segments, start_s, clip_len / frame_rate)
 
+    def spans(self, min_idle_s: float = 1.0) -> list[Segment]:
+        """The video as labelled stretches, in order: each action segment, and each idle
+        stretch (BACKGROUND) of at least `min_idle_s` before, between and after them."""
+        out, t = [], 0.0
+        for seg in self.segments:
+            if seg.start_s - t >= min_idle_s:
+                out.append(Segment(BACKGROUND, t, seg.start_s))
+            out.append(seg)
+            t = seg.end_s
+        if self.duration_s - t >= min_idle_s:
+            out.append(Segment(BACKGROUND, t, self.duration_s))
+        return out
+
+    def cut(self, start_s: float, end_s: float) -> ActionVideo:
+        """The frames shown in [start_s, end_s) as a video of their own: a trimmed clip.
+        Its segments are the actions inside, clipped to it, on its own clock."""
+        first = math.ceil(start_s * self.fps - 1e-6)
+        frames = self.frames[first:math.ceil(end_s * self.fps - 1e-6)]
+        t0, length = first / self.fps, len(frames) / self.fps
+        segments = [Segment(s.label, max(s.start_s - t0, 0.0), min(s.end_s - t0, length))
+                    for s in self.segments if s.start_s < end_s and s.end_s > start_s]
+        return ActionVideo(frames, self.fps, segments)
+
 
 def clip_coverage(segments: list[Segment], start_s: float, window_s: float) -> np.ndarray:
     """Share of [start_s, start_s + window_s) covered by each of LABELS # [len(LABELS)];

@@ -20,10 +20,12 @@ from .conftest import Service, embedded_service, pin_batching
 # Floors on this small run (24 scenes, 2 videos), set below what it measures with the
 # shipped weights (models/demo/README.md has the full run's figures).
 # Measured (the shipped weights, 2026-11-29): box mAP@0.5 0.926, mask mAP@0.5 0.873, mIoU
-# 0.958, video top-1 0.725 (69 windows; the eager model scores these two videos the same),
-# temporal mAP@0.5 0.625, image top-1 0.958, pointing game 1.0 with cam and with gradcam.
-FLOORS = {"box mAP@0.5": 0.85, "mask mAP@0.5": 0.8, "mIoU": 0.9, "video top-1": 0.65,
-          "temporal mAP@0.5": 0.5, "image top-1": 0.85, "pointing game (cam)": 0.85,
+# 0.958, video top-1 0.909 (10 of 11 trimmed clips), video top-1 per window 0.725 (69
+# windows; the eager model scores these two videos the same), temporal mAP@0.5 0.625,
+# image top-1 0.958, pointing game 1.0 with cam and with gradcam.
+FLOORS = {"box mAP@0.5": 0.85, "mask mAP@0.5": 0.8, "mIoU": 0.9, "video top-1": 0.8,
+          "video top-1 (windows)": 0.65, "temporal mAP@0.5": 0.5, "image top-1": 0.85,
+          "pointing game (cam)": 0.85,
           "pointing game (gradcam)": 0.85}
 
 
@@ -59,7 +61,8 @@ def test_one_command_scores_every_task_with_a_demo_model(
     assert scored["box mAP@[.5:.95]"]["value"] < scored["box mAP@0.5"]["value"]
     assert scored["mask mAP@[.5:.95]"]["value"] < scored["mask mAP@0.5"]["value"]
     # Windows across an action's boundary are the hard ones: the clear ones score higher.
-    assert scored["video top-1 (clear windows)"]["value"] >= scored["video top-1"]["value"]
+    assert (scored["video top-1 (clear windows)"]["value"]
+            >= scored["video top-1 (windows)"]["value"])
     for t in ("0.3", "0.5", "0.7"):
         assert 0.0 <= scored[f"temporal mAP@{t}"]["value"] <= 1.0
     assert all(r["value"] is not None for r in rows), "every task has a demo model"

@@ -96,6 +96,28 @@ def test_trimmed_clip_is_labelled_with_its_action(label: str) -> None:
     assert clip.segments == ([] if label == "none" else [Segment(label, 0.0, 2.0)])
 
 
+@pytest.mark.parametrize("seed", range(6))
+def test_spans_cut_a_video_into_trimmed_clips_of_one_label_each(seed: int) -> None:
+    video = make_action_video(seed)
+    spans = video.spans(min_idle_s=1.0)
+    assert [s for s in spans if s.label != "none"] == video.segments
+    for before, after in itertools.pairwise(spans):
+        assert before.end_s <= after.start_s
+    for span in spans:
+        clip = video.cut(span.start_s, span.end_s)
+        assert clip.duration_s == pytest.approx(span.end_s - span.start_s, abs=1.5 / video.fps)
+        if span.label == "none":
+            assert span.end_s - span.start_s >= 1.0 and clip.segments == []
+        else:  # the action from its clip's first frame to its last
+            (seg,) = clip.segments
+            assert seg.label == span.label
+            assert seg.start_s == pytest.approx(0.0, abs=1 / video.fps)
+            assert seg.end_s == pytest.approx(clip.duration_s, abs=1 / video.fps)
+        # It starts with the first frame shown at or after the span's start.
+        first = next(i for i in range(len(video.frames)) if i / video.fps >= span.start_s - 1e-9)
+        assert np.array_equal(clip.frames[0], video.frames[first])
+
+
 def test_clip_label_is_the_label_covering_most_of_the_window() -> None:
     segments = [Segment("grow", 1.0, 3.0), Segment("blink", 4.0, 6.0)]
     assert clip_label(segments, 0.0, 1.6) == "none"  # 0.6 s of grow, 1.0 s idle
