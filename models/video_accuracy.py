@@ -54,7 +54,7 @@ def _classify(url: str, model: str, mp4: bytes, timeout_s: float, **params: str)
     return r.json()
 
 
-def evaluate(url: str, model: str, videos: int = 10, seed: int = HELD_OUT_SEED,
+def evaluate(url: str, model: str, videos: int = VIDEOS, seed: int = HELD_OUT_SEED,
              timeout_s: float = 300.0) -> dict[str, float]:
     """Trimmed-clip top-1, window accuracy and temporal mAP of `model` as served at `url`."""
     truth, predictions = [], []
