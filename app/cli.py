@@ -23,9 +23,11 @@ def _serve(settings: Settings, app: object, workers: int = 1, loop: str = "auto"
     if workers > 1:
         uvicorn.run("cvserve.app.main:api_from_env", factory=True, host=settings.host,
                     port=settings.port, workers=workers, log_level="info",
+                    timeout_keep_alive=settings.keep_alive_s,
                     timeout_graceful_shutdown=settings.shutdown_grace_s)
     else:
         uvicorn.run(app, host=settings.host, port=settings.port, log_level="info", loop=loop,
+                    timeout_keep_alive=settings.keep_alive_s,
                     timeout_graceful_shutdown=settings.shutdown_grace_s)
 
 

@@ -94,6 +94,12 @@ class Settings(BaseSettings):
         default=3600, ge=1, description="How long a detached (async) job's status and "
                                         "result stay readable at GET /jobs/{id} after it ends")
 
+    keep_alive_s: float = Field(
+        default=75.0, gt=0,
+        description="How long the api keeps an idle HTTP connection open. Longer than "
+                    "clients and load balancers keep theirs (httpx 5 s, AWS ALB 60 s; nginx "
+                    "uses 75 s): a server that closes first races the next request sent on "
+                    "the connection, which then fails with a reset instead of an answer")
     shutdown_grace_s: float = Field(
         default=30.0, gt=0, description="On SIGTERM the api stops accepting and waits this "
                                         "long for requests in flight to be answered")

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import http.client
 import io
+import json
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -78,6 +81,23 @@ def test_health_and_readiness(embedded: Service) -> None:
     assert httpx.get(f"{embedded.url}/healthz").json() == {"status": "ok"}
     assert httpx.get(f"{embedded.url}/readyz").status_code == 200
 
+
+
+def test_an_idle_connection_outlives_the_clients_keep_alive(embedded: Service) -> None:
+    """A client reuses a connection it kept idle for up to its own keep-alive (httpx: 5 s).
+    A server that closes idle connections first races such a reuse, and the request sent
+    on the closing connection fails with a reset (uvicorn's default is also 5 s). The api
+    keeps them for CVSERVE_KEEP_ALIVE_S, 75 s by default."""
+    host, port = embedded.url.removeprefix("http://").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=30)
+    try:
+        for pause_s in (0, 6):
+            time.sleep(pause_s)
+            conn.request("GET", "/healthz")
+            r = conn.getresponse()  # RemoteDisconnected if the server closed it
+            assert r.status == 200 and json.loads(r.read()) == {"status": "ok"}
+    finally:
+        conn.close()
 
 def test_fresh_repository_serves_demo_models_a_segmenter_and_a_classifier_offline(
         tmp_path: Path) -> None:
