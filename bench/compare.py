@@ -436,6 +436,50 @@ def interleaved_c1(args: argparse.Namespace, workdir: Path, repository: Path, na
             "met": value <= C1_P50_GAP_TARGET_MS}
 
 
+
+def interleaved_rounds(args: argparse.Namespace, workdir: Path, repository: Path, name: str,
+                       images: list[bytes], check: Check) -> dict[str, Any]:
+    """The plain server and cvserve embedded up at once, measured in turn at the top
+    concurrency for --ab-rounds pairs of --duration seconds, the order of each pair
+    alternating (plain first, then cvserve first, ...). Stacks measured minutes apart
+    differ by the machine's drift (5-30 %, ../shared/PERF.md), as much as the margin
+    being judged; each pair's ratio sees the same machine, and the spread of the ratios
+    says whether the margin is more than noise."""
+    top = max(args.concurrency)
+    plain_spec = service_spec(repository, name, args.device, None)
+    plain_spec.commands, plain_spec.metrics_url = ["plain"], None
+    servers = {"plain": PlainServer(plain_spec, workdir / "rounds-plain", repository, name),
+               "cvserve": Service(service_spec(repository, name, args.device, None),
+                                  workdir / "rounds-embedded")}
+    for server in servers.values():
+        server.log_dir.mkdir(parents=True)
+    pairs: list[dict[str, Row]] = []
+    with servers["plain"], servers["cvserve"]:
+        for server in servers.values():
+            asyncio.run(smoke_test(server.spec, name, images))
+        for k in range(args.ab_rounds):
+            order = ["plain", "cvserve"] if k % 2 == 0 else ["cvserve", "plain"]
+            pair = {}
+            for who in order:
+                print(f"round {k + 1}/{args.ab_rounds}, {who} c{top}: {args.warmup:g} s "
+                      f"warm-up + {args.duration:g} s ...", file=sys.stderr)
+                pair[who] = asyncio.run(measure_level(
+                    servers[who].spec, name, images, top, args.warmup, args.duration, check))
+            pairs.append(pair)
+    by_round = [p["cvserve"].images_per_s / p["plain"].images_per_s for p in pairs]
+    plain_rates = ", ".join(f"{p['plain'].images_per_s:.1f}" for p in pairs)
+    value = statistics.median(by_round)
+    errors = sum(r.errors for p in pairs for r in p.values())
+    return {"of": f"cvserve embedded c{top} / plain server c{top}, {len(pairs)} alternating "
+                  f"pairs of {args.duration:g} s: each pair "
+                  f"{', '.join(f'{x:.3f}' for x in by_round)}; plain "
+                  f"{plain_rates} img/s; "
+                  f"cvserve won {sum(x > 1 for x in by_round)} of {len(pairs)}; "
+                  f"{errors} errors; the median",
+            "value": value, "target": f">= {VS_PLAIN_TARGET:g}",
+            "met": value >= VS_PLAIN_TARGET and errors == 0,
+            "rounds": [{who: asdict(row) for who, row in p.items()} for p in pairs]}
+
 # --- the report --------------------------------------------------------------------------
 def ratios(stacks: list[Stack], concurrency: list[int], rcnn: bool) -> dict[str, dict]:
     """The issue's numbers, each {of, value (None when not measured), target, met}."""
@@ -506,7 +550,8 @@ def report(args: argparse.Namespace, name: str, stacks: list[Stack], found: dict
     print(f"\n/detect, model {name} ({args.device}, {len(expected)} images, "
           f"{args.duration:g} s per level, {os.cpu_count()} cores; every answer checked: "
           f"{sum(len(e['detections']) for e in expected)} expected detections in all)")
-    print(format_stacks(stacks))
+    if stacks:
+        print(format_stacks(stacks))
     for s in stacks:
         if s.name.startswith("cvserve") and s.rows:
             print(f"\n{s.name}: server-side p50 ms (http+api = client p50 - total)\n"
@@ -557,10 +602,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="also run cvserve embedded with max_batch_size = 1")
     p.add_argument("--stacks", default=",".join(s for s in STACKS if s != "unbatched"),
                    help=f"comma-separated stacks to run, of {','.join(STACKS)} (default: all "
-                        "but unbatched, which --unbatched-too adds)")
+                        "but unbatched, which --unbatched-too adds; '' with --c1-ab or "
+                        "--ab-rounds runs only those)")
     p.add_argument("--c1-ab", type=float, default=0, metavar="SECONDS",
                    help="also run the plain server and cvserve embedded side by side, "
                         "alternating single requests, for SECONDS (the c1 p50 gap)")
+    p.add_argument("--ab-rounds", type=int, default=0, metavar="N",
+                   help="also run the plain server and cvserve embedded side by side, "
+                        "measuring each in turn at the top concurrency, N pairs of "
+                        "--duration seconds (the c16 ratio, paired against drift)")
     p.add_argument("--triton-python", default=sys.executable,
                    help="the Python that runs bench/triton_server.py, e.g. a venv's with "
                         "PyTriton (default: this one)")
@@ -572,14 +622,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.concurrency = [int(n) for n in args.concurrency.split(",")]
     except ValueError:
         p.error(f"--concurrency takes numbers like 1,4,16, got '{args.concurrency}'")
-    if min(args.concurrency) < 1 or args.duration <= 0 or args.warmup < 0:
-        p.error("--concurrency must be >= 1, --duration > 0 and --warmup >= 0")
+    if (min(args.concurrency) < 1 or args.duration <= 0 or args.warmup < 0
+            or args.ab_rounds < 0):
+        p.error("--concurrency must be >= 1, --duration > 0, --warmup and --ab-rounds >= 0")
     args.stacks = {s.strip() for s in args.stacks.split(",") if s.strip()}
     if unknown := args.stacks - set(STACKS):
         p.error(f"--stacks: unknown {', '.join(sorted(unknown))}; the stacks are "
                 f"{','.join(STACKS)}")
-    if not args.stacks:
-        p.error(f"--stacks: name at least one of {','.join(STACKS)}")
+    if not args.stacks and not (args.c1_ab or args.ab_rounds):
+        p.error(f"--stacks: name at least one of {','.join(STACKS)} (none only with "
+                "--c1-ab or --ab-rounds)")
     if args.unbatched_too:
         args.stacks.add("unbatched")
     if urlsplit(args.redis_url).hostname not in LOOPBACK:
@@ -608,9 +660,13 @@ def main(argv: list[str] | None = None) -> int:
                             cfg.batching.max_batch_size)
         interleaved = (interleaved_c1(args, workdir, repository, name, images, check)
                        if args.c1_ab else None)
+        rounds = (interleaved_rounds(args, workdir, repository, name, images, check)
+                  if args.ab_rounds else None)
     found = ratios(stacks, args.concurrency, cfg.input.resize == "rcnn")
     if interleaved is not None:
         found["c1_p50_gap_interleaved_ms"] = interleaved
+    if rounds is not None:
+        found["embedded_vs_plain_paired"] = rounds
     report(args, name, stacks, found, expected)
     return 0
 
