@@ -71,9 +71,9 @@ def resize_uint8(image: torch.Tensor, hw: tuple[int, int], antialias: bool,
                  uint8_kernel: bool = False) -> torch.Tensor:
     """# [3, h, w] or [N, 3, h, w] uint8 -> [(N,) 3, H, W] uint8, bilinear, half-pixel centres.
 
-    Without antialiasing this is OpenCV's INTER_LINEAR to within one level (images on the
-    CPU take OpenCV's own, preprocess_opencv); with it, Pillow's / torchvision's
-    bilinear. Rounded back to uint8 as both do.
+    Without antialiasing this is OpenCV's INTER_LINEAR to within one level (letterboxed
+    images on the CPU take OpenCV's own, letterbox_opencv); with it, Pillow's /
+    torchvision's bilinear. Rounded back to uint8 as both do.
     `uint8_kernel`: torch's own uint8 kernel instead of float arithmetic — what
     torchvision's resize runs on uint8 tensors (its video presets among them), so equal to
     it where the float path is off by one level on ~20% of pixels; on channels-last frames
@@ -167,8 +167,9 @@ def preprocess_frames(frames: torch.Tensor, spec: InputSpec, uint8_kernel: bool 
                       ) -> tuple[np.ndarray, Geometry]:
     """# [N, 3, h, w] uint8 RGB frames of one size -> [N, 3, H, W] (NCHW) or [N, H, W, 3]
     (NHWC) model input, and the Geometry they share (`uint8_kernel`: see resize_uint8)."""
-    if not (spec.antialias or uint8_kernel) and frames.device.type == "cpu":
-        return preprocess_opencv(frames, spec)
+    if (spec.resize == "letterbox" and not (spec.antialias or uint8_kernel)
+            and frames.device.type == "cpu"):
+        return letterbox_opencv(frames, spec)
     resized_hw, geo = fit(tuple(frames.shape[-2:]), spec)
     resized = resize_uint8(frames, resized_hw, spec.antialias, uint8_kernel)
     n = frames.shape[0]
@@ -194,29 +195,25 @@ def preprocess_frames(frames: torch.Tensor, spec: InputSpec, uint8_kernel: bool 
     return x.contiguous().numpy().astype(spec.dtype, copy=False), geo
 
 
-def preprocess_opencv(frames: torch.Tensor, spec: InputSpec) -> tuple[np.ndarray, Geometry]:
-    """preprocess_frames without antialiasing, on the CPU: OpenCV's INTER_LINEAR itself
-    (what YOLO exporters preprocess with, which resize_uint8 only matches to within one
-    level), placed, cropped and flipped in uint8, then one pass to the model's dtype.
-    A tenth of the torch path's time (YOLOX-Nano, 640x426 photos, one thread: 1.1 vs
-    9.6 ms), where preprocessing was 40 % of a CPU server's busy time."""
+def letterbox_opencv(frames: torch.Tensor, spec: InputSpec) -> tuple[np.ndarray, Geometry]:
+    """preprocess_frames for YOLO's letterbox without antialiasing, on the CPU: OpenCV's
+    INTER_LINEAR itself, which YOLO exporters preprocess with (resize_uint8 matches it to
+    within one level only), placed and flipped in uint8, then one pass to the model's
+    dtype. A tenth of the torch path's time (YOLOX-Nano, 640x426 photos, one thread: 1.1
+    vs 9.6 ms), where preprocessing was 40 % of a CPU server's busy time. Stretch and
+    centre crop keep the torch path: their references are torchvision's presets, whose
+    float resize it equals."""
     resized_hw, geo = fit(tuple(frames.shape[-2:]), spec)
     (nh, nw), (in_h, in_w) = resized_hw, geo.input_hw
     hwc = frames.permute(0, 2, 3, 1).numpy()  # channels-last frames (decode_rgb's) as is
     resized = np.stack([cv2.resize(np.ascontiguousarray(f), (nw, nh),
                                    interpolation=cv2.INTER_LINEAR)
                         for f in hwc]) if (nh, nw) != hwc.shape[1:3] else hwc
-    if spec.resize == "letterbox":
-        pad = spec.pad_value
-        exact = float(pad).is_integer() and 0 <= pad <= 255
-        x = np.full((len(hwc), in_h, in_w, 3), pad, np.uint8 if exact else np.float32)
-        ox, oy = int(geo.offset_xy[0]), int(geo.offset_xy[1])
-        x[:, oy:oy + nh, ox:ox + nw] = resized
-    elif spec.resize == "center-crop":
-        top, left = int(-geo.offset_xy[1]), int(-geo.offset_xy[0])
-        x = resized[:, top:top + in_h, left:left + in_w]
-    else:
-        x = resized
+    pad = spec.pad_value
+    exact = float(pad).is_integer() and 0 <= pad <= 255
+    x = np.full((len(hwc), in_h, in_w, 3), pad, np.uint8 if exact else np.float32)
+    ox, oy = int(geo.offset_xy[0]), int(geo.offset_xy[1])
+    x[:, oy:oy + nh, ox:ox + nw] = resized
     if spec.color == "BGR":
         x = x[..., ::-1]
     if spec.layout == "NCHW":
