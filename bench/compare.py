@@ -400,17 +400,25 @@ def run_stacks(args: argparse.Namespace, workdir: Path, repository: Path, name: 
     return stacks
 
 
+def side_by_side(args: argparse.Namespace, logs: Path, repository: Path, name: str
+                 ) -> tuple[PlainServer, Service]:
+    """The plain server and cvserve embedded, not yet started, to run at once (their logs
+    under `logs`)."""
+    plain_spec = service_spec(repository, name, args.device, None)
+    plain_spec.commands, plain_spec.metrics_url = ["plain"], None
+    plain = PlainServer(plain_spec, logs / "plain", repository, name)
+    ours = Service(service_spec(repository, name, args.device, None), logs / "embedded")
+    for server in (plain, ours):
+        server.log_dir.mkdir(parents=True)
+    return plain, ours
+
+
 def interleaved_c1(args: argparse.Namespace, workdir: Path, repository: Path, name: str,
                    images: list[bytes], check: Check) -> dict[str, Any]:
     """The plain server and cvserve embedded up at once, one request to each in turn for
     --c1-ab seconds: at concurrency 1 the machine's drift between two levels run minutes
     apart is larger than the 3 ms being judged, and alternating cancels it."""
-    plain_spec = service_spec(repository, name, args.device, None)
-    plain_spec.commands, plain_spec.metrics_url = ["plain"], None
-    plain = PlainServer(plain_spec, workdir / "ab-plain", repository, name)
-    ours = Service(service_spec(repository, name, args.device, None), workdir / "ab-embedded")
-    for server in (plain, ours):
-        server.log_dir.mkdir(parents=True)
+    plain, ours = side_by_side(args, workdir / "ab", repository, name)
     latencies: dict[str, list[float]] = {"plain": [], "cvserve": []}
     errors = 0
     print(f"interleaved c1: plain and cvserve embedded, {args.c1_ab:g} s ...", file=sys.stderr)
@@ -436,7 +444,6 @@ def interleaved_c1(args: argparse.Namespace, workdir: Path, repository: Path, na
             "met": value <= C1_P50_GAP_TARGET_MS}
 
 
-
 def interleaved_rounds(args: argparse.Namespace, workdir: Path, repository: Path, name: str,
                        images: list[bytes], check: Check) -> dict[str, Any]:
     """The plain server and cvserve embedded up at once, measured in turn at the top
@@ -446,15 +453,10 @@ def interleaved_rounds(args: argparse.Namespace, workdir: Path, repository: Path
     being judged; each pair's ratio sees the same machine, and the spread of the ratios
     says whether the margin is more than noise."""
     top = max(args.concurrency)
-    plain_spec = service_spec(repository, name, args.device, None)
-    plain_spec.commands, plain_spec.metrics_url = ["plain"], None
-    servers = {"plain": PlainServer(plain_spec, workdir / "rounds-plain", repository, name),
-               "cvserve": Service(service_spec(repository, name, args.device, None),
-                                  workdir / "rounds-embedded")}
-    for server in servers.values():
-        server.log_dir.mkdir(parents=True)
+    plain, ours = side_by_side(args, workdir / "rounds", repository, name)
+    servers: dict[str, Service] = {"plain": plain, "cvserve": ours}
     pairs: list[dict[str, Row]] = []
-    with servers["plain"], servers["cvserve"]:
+    with plain, ours:
         for server in servers.values():
             asyncio.run(smoke_test(server.spec, name, images))
         for k in range(args.ab_rounds):
@@ -479,6 +481,7 @@ def interleaved_rounds(args: argparse.Namespace, workdir: Path, repository: Path
             "value": value, "target": f">= {VS_PLAIN_TARGET:g}",
             "met": value >= VS_PLAIN_TARGET and errors == 0,
             "rounds": [{who: asdict(row) for who, row in p.items()} for p in pairs]}
+
 
 # --- the report --------------------------------------------------------------------------
 def ratios(stacks: list[Stack], concurrency: list[int], rcnn: bool) -> dict[str, dict]:

@@ -82,7 +82,6 @@ def test_health_and_readiness(embedded: Service) -> None:
     assert httpx.get(f"{embedded.url}/readyz").status_code == 200
 
 
-
 def test_an_idle_connection_outlives_the_clients_keep_alive(embedded: Service) -> None:
     """A client reuses a connection it kept idle for up to its own keep-alive (httpx: 5 s).
     A server that closes idle connections first races such a reuse, and the request sent
@@ -98,6 +97,7 @@ def test_an_idle_connection_outlives_the_clients_keep_alive(embedded: Service) -
             assert r.status == 200 and json.loads(r.read()) == {"status": "ok"}
     finally:
         conn.close()
+
 
 def test_fresh_repository_serves_demo_models_a_segmenter_and_a_classifier_offline(
         tmp_path: Path) -> None:

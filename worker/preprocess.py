@@ -72,8 +72,8 @@ def resize_uint8(image: torch.Tensor, hw: tuple[int, int], antialias: bool,
     """# [3, h, w] or [N, 3, h, w] uint8 -> [(N,) 3, H, W] uint8, bilinear, half-pixel centres.
 
     Without antialiasing this is OpenCV's INTER_LINEAR to within one level (letterboxed
-    images on the CPU take OpenCV's own, letterbox_opencv); with it, Pillow's /
-    torchvision's bilinear. Rounded back to uint8 as both do.
+    images take OpenCV's own, letterbox_opencv); with it, Pillow's / torchvision's
+    bilinear. Rounded back to uint8 as both do.
     `uint8_kernel`: torch's own uint8 kernel instead of float arithmetic — what
     torchvision's resize runs on uint8 tensors (its video presets among them), so equal to
     it where the float path is off by one level on ~20% of pixels; on channels-last frames
@@ -167,8 +167,7 @@ def preprocess_frames(frames: torch.Tensor, spec: InputSpec, uint8_kernel: bool 
                       ) -> tuple[np.ndarray, Geometry]:
     """# [N, 3, h, w] uint8 RGB frames of one size -> [N, 3, H, W] (NCHW) or [N, H, W, 3]
     (NHWC) model input, and the Geometry they share (`uint8_kernel`: see resize_uint8)."""
-    if (spec.resize == "letterbox" and not (spec.antialias or uint8_kernel)
-            and frames.device.type == "cpu"):
+    if spec.resize == "letterbox" and not (spec.antialias or uint8_kernel):
         return letterbox_opencv(frames, spec)
     resized_hw, geo = fit(tuple(frames.shape[-2:]), spec)
     resized = resize_uint8(frames, resized_hw, spec.antialias, uint8_kernel)
@@ -196,7 +195,7 @@ def preprocess_frames(frames: torch.Tensor, spec: InputSpec, uint8_kernel: bool 
 
 
 def letterbox_opencv(frames: torch.Tensor, spec: InputSpec) -> tuple[np.ndarray, Geometry]:
-    """preprocess_frames for YOLO's letterbox without antialiasing, on the CPU: OpenCV's
+    """preprocess_frames for YOLO's letterbox without antialiasing: OpenCV's
     INTER_LINEAR itself, which YOLO exporters preprocess with (resize_uint8 matches it to
     within one level only), placed and flipped in uint8, then one pass to the model's
     dtype. A tenth of the torch path's time (YOLOX-Nano, 640x426 photos, one thread: 1.1
