@@ -12,6 +12,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from cvserve.worker.openmp import keep_spinning
+
 from .settings import Settings
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s [%(process)d] %(message)s"
@@ -415,6 +417,8 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         print(f"cvserve: invalid settings: {exc}", file=sys.stderr)
         return 2
+    # Before anything imports torch: libgomp reads its wait policy when it loads.
+    logging.getLogger("cvserve.cli").info("%s", keep_spinning())
     handlers = {"run": cmd_run, "api": cmd_api, "worker": cmd_worker, "predict": cmd_predict}
     if args.command == "models":
         handlers = {"export": cmd_export, "list": cmd_list, "pull": cmd_pull,
