@@ -114,9 +114,8 @@ def choose_instances(task: Task, one: list[Prepared]) -> tuple[int, dict[int, fl
     multi-threaded sessions too, for a batch that runs alone (low load keeps the latency
     of one run on every core). On a GPU: one instance or two, threads as they are."""
     cores = task.settings.cores
-    # TorchScript is left at one instance: its thread count is per process, and running
-    # a freshly loaded module from two threads while resizing torch's pool crashed a
-    # worker once here (heap corruption in the warm-up); `instances = N` still pins it.
+    # A backend without per-thread counts (TorchScript on a GPU, or where torch's OpenMP
+    # runtime is not found) stays at one instance; `instances = N` still pins more.
     if cores < 2 or not task.backend.parallel_instances:
         return 1, {}
     single = measure(task, {1: (one, 1)})[1]

@@ -27,6 +27,7 @@ from cvserve.app.settings import Settings
 
 from .backend import Arrays, Backend, resolve_device
 from .gpu import Staged, is_cuda, record_ready, staging, upload
+from .openmp import ThreadLimit
 from .repository import ModelConfig
 
 log = logging.getLogger("cvserve.torchscript")
@@ -51,30 +52,77 @@ class TorchScriptBackend(Backend):
     def __init__(self, cfg: ModelConfig, settings: Settings) -> None:
         super().__init__(cfg)
         self.device = resolve_device(settings.device)
-        if settings.intra_op_threads:
-            torch.set_num_threads(settings.intra_op_threads)
+        # On the CPU each model thread sets its own intra-op thread count before it runs
+        # (worker/openmp.py says why never torch.set_num_threads), so instances of one
+        # thread each may run side by side, and a batch that runs alone may use every core.
+        self._limit = ThreadLimit() if self.device == "cpu" else None
+        self.parallel_instances = bool(self._limit and self._limit.available)
+        self.threads = settings.intra_op_threads or settings.cores
+        self._solo: int | None = None  # the count for a batch that runs alone, if other
         self.fp16, self.precision = half_precision(cfg, settings, self.device)
         if self.fp16:
             log.info("%s: %s", cfg.name, self.precision)
         elif getattr(settings, "fp16", False):  # asked for and not applied: say why
             log.warning("%s: %s", cfg.name, self.precision)
+        self.module = self._load()
+        # On the CPU a run takes a copy of the module no other run holds (one is loaded
+        # for each instance running at once, as Triton's instances are): two threads
+        # running one module with different thread counts crashed the process here
+        # (segfaults in 4 of 8 tries with the demo detector; 0 of 20 with a copy each).
+        self._spare = [self.module]
+        self._spare_lock = threading.Lock()
+        self._local = threading.local()  # CUDA: each model thread's compute stream
+
+    def _load(self) -> torch.jit.ScriptModule:
         with warnings.catch_warnings():
             # TorchScript is deprecated upstream but remains what torchvision detectors
             # export to with a variable batch; the warning tells a user nothing to do.
             warnings.simplefilter("ignore", FutureWarning)
-            self.module = torch.jit.load(str(cfg.artifact()), map_location=self.device)
-        self.module.eval()
+            module = torch.jit.load(str(self.cfg.artifact()), map_location=self.device)
+        module.eval()
         if self.fp16:
             # Parameters and buffers to half; float inputs are cast in run_staged and
             # float outputs back to float32, so callers see the float32 interface.
-            self.module.half()
-        self._local = threading.local()  # CUDA: each model thread's compute stream
+            module.half()
+        return module
+
+    @contextmanager
+    def _checkout(self) -> Iterator[torch.jit.ScriptModule]:
+        """A module for one run: the shared one on a GPU (its streams keep instances
+        apart), on the CPU one that no other run holds (a new copy if all are busy)."""
+        if self._limit is None:
+            yield self.module
+            return
+        with self._spare_lock:
+            module = self._spare.pop() if self._spare else None
+        if module is None:
+            module = self._load()
+        try:
+            yield module
+        finally:
+            with self._spare_lock:
+                self._spare.append(module)
 
     def set_threads(self, threads: int, keep: bool = False) -> None:
-        """torch's intra-op pool is per process: this sets it for every TorchScript model
-        of the worker (the warm-up only does so on the CPU)."""
-        if self.device == "cpu":
-            torch.set_num_threads(threads)
+        """Runs use `threads` intra-op threads from now on, whichever thread runs them
+        (CPU only). With `keep`, runs inside `solo_threads()` still get the previous count."""
+        if keep and threads != self.threads:
+            self._solo = self.threads
+        self.threads = threads
+
+    @contextmanager
+    def solo_threads(self) -> Iterator[None]:
+        """This thread's runs in the block use the kept count (a batch alone on the CPU)."""
+        self._local.solo = self._solo is not None
+        try:
+            yield
+        finally:
+            self._local.solo = False
+
+    def _apply_threads(self) -> None:
+        if self._limit is not None:
+            solo = getattr(self._local, "solo", False)
+            self._limit.set(self._solo if solo and self._solo else self.threads)
 
     @property
     def compute_stream(self) -> torch.cuda.Stream | None:
@@ -120,11 +168,12 @@ class TorchScriptBackend(Backend):
         """Run a staged batch: # named output arrays, float outputs as float32. Tensors are
         used where they are: a host tensor left in `staged` (image sizes the module reads
         with int(), say) stays on the host."""
+        self._apply_threads()
         with self.compute():
             tensors = staged.take()
             args = [self._cast(tensors[name]) for name in self.cfg.inputs]
-            with torch.inference_mode():
-                out = self.module(*args)
+            with torch.inference_mode(), self._checkout() as module:
+                out = module(*args)
             if isinstance(out, torch.Tensor):
                 out = (out,)
             return dict(zip(self.cfg.outputs, self._to_host(list(out)), strict=True))
