@@ -2,7 +2,9 @@
 # The GPU check in one go (bench/gpu_check.py says what it measures): about 5 minutes,
 # at most 9.5 (pytest 150 s, the benchmark 360 s, each stopped at its limit):
 #
-#   bash bench/gpu_check.sh                # a GPU machine: wheels in .whl/, results in $OUT
+#   bash bench/gpu_check.sh                # a GPU machine: wheels in .whl/ (what it lacks:
+#                                          # fastapi, uvicorn, pydantic, redis, threadpoolctl
+#                                          # ...), results in $OUT
 #   bash bench/gpu_check.sh --cpu-dry-run  # here: device cpu, tiny durations, the installed
 #                                          # packages; checks the script before a GPU run
 #   bash bench/gpu_check.sh --no-tests --arch fasterrcnn_mobilenet_v3_large_320_fpn --quick

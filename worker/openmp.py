@@ -64,12 +64,16 @@ class ThreadLimit:
 
     def __init__(self) -> None:
         import torch
-        from threadpoolctl import ThreadpoolController
 
+        self._local = threading.local()
+        self._omp = None
+        try:
+            from threadpoolctl import ThreadpoolController
+        except ImportError:  # a bare machine (a GPU check's): one instance, as before
+            return
         torch.get_num_threads()  # loads torch's OpenMP runtime and initializes this thread
         found = ThreadpoolController().select(user_api="openmp").lib_controllers
         self._omp = found[0] if found else None
-        self._local = threading.local()
 
     @property
     def available(self) -> bool:

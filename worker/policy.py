@@ -109,7 +109,7 @@ def choose_instances(task: Task, one: list[Prepared]) -> tuple[int, dict[int, fl
     """One instance with every core's intra-op threads, or one single-threaded instance per
     core, at batch 1. Measured here on YOLOX-Nano (onnxruntime, 2 cores): 42-46 images/s
     for the first, 67-76 for the second (intra-op threads synchronize on every one of its
-    ~400 small ops); a model whose run fills the cores anyway gains nothing and keeps one
+    ~400 small ops); Faster R-CNN MobileNet (TorchScript): 10.9 and 17.1; a model whose run fills the cores anyway gains nothing and keeps one
     instance. With single-threaded instances an onnxruntime model keeps its
     multi-threaded sessions too, for a batch that runs alone (low load keeps the latency
     of one run on every core). On a GPU: one instance or two, threads as they are."""
