@@ -109,10 +109,11 @@ def choose_instances(task: Task, one: list[Prepared]) -> tuple[int, dict[int, fl
     """One instance with every core's intra-op threads, or one single-threaded instance per
     core, at batch 1. Measured here on YOLOX-Nano (onnxruntime, 2 cores): 42-46 images/s
     for the first, 67-76 for the second (intra-op threads synchronize on every one of its
-    ~400 small ops); Faster R-CNN MobileNet (TorchScript): 10.9 and 17.1; a model whose run fills the cores anyway gains nothing and keeps one
-    instance. With single-threaded instances an onnxruntime model keeps its
-    multi-threaded sessions too, for a batch that runs alone (low load keeps the latency
-    of one run on every core). On a GPU: one instance or two, threads as they are."""
+    ~400 small ops); Faster R-CNN MobileNet (TorchScript): 10.9 and 17.1. A model whose
+    run fills the cores anyway gains nothing and keeps one instance. With single-threaded
+    instances a model keeps every core for a batch that runs alone (onnxruntime: its
+    multi-threaded sessions; TorchScript: that thread's count), so low load keeps the
+    latency of one run on every core. On a GPU: one instance or two, threads as they are."""
     cores = task.settings.cores
     # A backend without per-thread counts (TorchScript on a GPU, or where torch's OpenMP
     # runtime is not found) stays at one instance; `instances = N` still pins more.
