@@ -120,6 +120,12 @@ def choose_instances(task: Task, one: list[Prepared]) -> tuple[int, dict[int, fl
     if cores < 2 or not task.backend.parallel_instances:
         return 1, {}
     single = measure(task, {1: (one, 1)})[1]
+    if single * MAX_RUN_S < 1:
+        # A run of seconds: its large ops keep every core busy anyway, and measuring the
+        # other layout would add tens of seconds to the warm-up (as for batch sizes).
+        log.info("%s: one instance: a run takes %.1f s, so no other layout is tried",
+                 task.cfg.name, 1 / single)
+        return 1, {1: single}
     on_cpu = task.backend.device == "cpu"
     count = cores if on_cpu else 2
     if on_cpu:  # the multi-threaded sessions stay, for a batch that runs alone
