@@ -417,8 +417,9 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         print(f"cvserve: invalid settings: {exc}", file=sys.stderr)
         return 2
-    # Before anything imports torch: libgomp reads its wait policy when it loads.
-    logging.getLogger("cvserve.cli").info("%s", keep_spinning())
+    if args.command != "api":  # the api runs no model (its image has no torch)
+        # Before anything imports torch: libgomp reads its wait policy when it loads.
+        logging.getLogger("cvserve.cli").info("%s", keep_spinning())
     handlers = {"run": cmd_run, "api": cmd_api, "worker": cmd_worker, "predict": cmd_predict}
     if args.command == "models":
         handlers = {"export": cmd_export, "list": cmd_list, "pull": cmd_pull,

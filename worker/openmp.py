@@ -31,7 +31,10 @@ SPIN = {"OMP_WAIT_POLICY": "ACTIVE", "GOMP_SPINCOUNT": "300000"}
 
 def torch_uses_libgomp() -> bool:
     """Whether the installed torch bundles GNU OpenMP (found without importing torch)."""
-    spec = importlib.util.find_spec("torch")
+    try:
+        spec = importlib.util.find_spec("torch")
+    except ImportError:  # an install that keeps torch out (the api image)
+        return False
     if spec is None or spec.origin is None:
         return False
     return any((Path(spec.origin).parent / "lib").glob("libgomp*.so*"))

@@ -58,7 +58,7 @@ class TorchScriptBackend(Backend):
         self._limit = ThreadLimit() if self.device == "cpu" else None
         self.parallel_instances = bool(self._limit and self._limit.available)
         self.threads = settings.intra_op_threads or settings.cores
-        self._solo: int | None = None  # the count for a batch that runs alone, if other
+        self._solo: int | None = None  # a batch alone's count, where set_threads kept one
         self.fp16, self.precision = half_precision(cfg, settings, self.device)
         if self.fp16:
             log.info("%s: %s", cfg.name, self.precision)
@@ -121,8 +121,8 @@ class TorchScriptBackend(Backend):
 
     def _apply_threads(self) -> None:
         if self._limit is not None:
-            solo = getattr(self._local, "solo", False)
-            self._limit.set(self._solo if solo and self._solo else self.threads)
+            solo = getattr(self._local, "solo", False)  # only ever True with a kept count
+            self._limit.set(self._solo if solo and self._solo is not None else self.threads)
 
     @property
     def compute_stream(self) -> torch.cuda.Stream | None:
