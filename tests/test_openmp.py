@@ -28,13 +28,17 @@ pytestmark = pytest.mark.skipif(not torch_uses_libgomp(),
                                 reason="this torch does not run on GNU OpenMP")
 
 
+def without_spin() -> dict[str, str]:
+    """This environment less the two variables, as a user who set neither has it."""
+    return {k: v for k, v in os.environ.items() if k not in SPIN}
+
+
 def spin_env(env: dict[str, str], code: str = "") -> str:
     """What a fresh `cvserve` process's environment holds after keep_spinning()."""
     script = (f"{code}\nimport os\nfrom cvserve.worker.openmp import keep_spinning\n"
               "print(keep_spinning())\n"
               "print(os.environ.get('OMP_WAIT_POLICY'), os.environ.get('GOMP_SPINCOUNT'))")
-    clean = {k: v for k, v in os.environ.items() if k not in SPIN}
-    out = subprocess.run([sys.executable, "-c", script], env={**clean, **env},
+    out = subprocess.run([sys.executable, "-c", script], env={**without_spin(), **env},
                          capture_output=True, text=True, timeout=120, check=True)
     return out.stdout.strip().splitlines()[-1]
 
@@ -49,9 +53,9 @@ def test_openmp_keeps_spinning_unless_the_user_chose_otherwise() -> None:
 
 
 def test_the_cvserve_command_sets_the_spin_before_torch_loads(tmp_path: Path) -> None:
-    clean = {k: v for k, v in os.environ.items() if k not in SPIN}
     out = subprocess.run(["cvserve", "models", "list"], capture_output=True, text=True,
-                         timeout=120, env={**clean, "CVSERVE_MODEL_REPOSITORY": str(tmp_path)})
+                         timeout=120,
+                         env={**without_spin(), "CVSERVE_MODEL_REPOSITORY": str(tmp_path)})
     assert "OMP_WAIT_POLICY=ACTIVE GOMP_SPINCOUNT=300000" in out.stderr, out.stderr
 
 

@@ -88,8 +88,8 @@ class ThreadLimit:
             return
         import torch
 
-        # torch initializes a thread's count on its first op (from the process default:
-        # no torch.set_num_threads here, so that only sets this thread's); before ours.
+        # torch sets a thread's count on the thread's first op, to the process default
+        # (this thread's only, as nothing calls torch.set_num_threads): let it go first.
         torch.get_num_threads()
         self._omp.set_num_threads(threads)
         self._local.threads = threads

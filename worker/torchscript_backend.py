@@ -113,7 +113,7 @@ class TorchScriptBackend(Backend):
     @contextmanager
     def solo_threads(self) -> Iterator[None]:
         """This thread's runs in the block use the kept count (a batch alone on the CPU)."""
-        self._local.solo = self._solo is not None
+        self._local.solo = True
         try:
             yield
         finally:
@@ -121,8 +121,8 @@ class TorchScriptBackend(Backend):
 
     def _apply_threads(self) -> None:
         if self._limit is not None:
-            solo = getattr(self._local, "solo", False)  # only ever True with a kept count
-            self._limit.set(self._solo if solo and self._solo is not None else self.threads)
+            solo = getattr(self._local, "solo", False) and self._solo is not None
+            self._limit.set(self._solo if solo else self.threads)
 
     @property
     def compute_stream(self) -> torch.cuda.Stream | None:
