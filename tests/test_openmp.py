@@ -19,7 +19,7 @@ from cvserve.app.queue import Job
 from cvserve.app.settings import Settings
 from cvserve.models.synthetic import make_scene
 from cvserve.worker.batcher import batch_limit
-from cvserve.worker.openmp import SPIN, ThreadLimit, torch_uses_libgomp
+from cvserve.worker.openmp import SPIN, ThreadLimit, torch_runtime, torch_uses_libgomp
 from cvserve.worker.policy import warm_up
 from cvserve.worker.repository import load_config
 from cvserve.worker.server import build_task
@@ -57,6 +57,17 @@ def test_the_cvserve_command_sets_the_spin_before_torch_loads(tmp_path: Path) ->
                          timeout=120,
                          env={**without_spin(), "CVSERVE_MODEL_REPOSITORY": str(tmp_path)})
     assert "OMP_WAIT_POLICY=ACTIVE GOMP_SPINCOUNT=300000" in out.stderr, out.stderr
+
+
+def test_the_limit_finds_torchs_openmp_among_others() -> None:
+    pytest.importorskip("sklearn")  # grad-cam's scikit-learn brings a libgomp of its own
+    from threadpoolctl import ThreadpoolController
+
+    found = ThreadpoolController().select(user_api="openmp").lib_controllers
+    assert len(found) >= 2, [c.filepath for c in found]
+    torch_lib = Path(torch.__file__).parent / "lib"
+    for order in (found, found[::-1]):  # whichever the loader lists first
+        assert Path(torch_runtime(order).filepath).parent == torch_lib
 
 
 def test_a_thread_limit_changes_only_the_calling_threads_count() -> None:

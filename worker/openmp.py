@@ -25,6 +25,7 @@ import os
 import sys
 import threading
 from pathlib import Path
+from typing import Any
 
 SPIN = {"OMP_WAIT_POLICY": "ACTIVE", "GOMP_SPINCOUNT": "300000"}
 
@@ -53,6 +54,18 @@ def keep_spinning() -> str:
     return "OpenMP threads spin between ops (" + " ".join(f"{k}={v}" for k, v in SPIN.items()) + ")"
 
 
+def torch_runtime(found: list[Any]) -> Any | None:
+    """Of the OpenMP runtimes threadpoolctl found loaded, torch's: the one in torch's
+    folders, else the only one. Other packages bring their own libgomp (scikit-learn's,
+    once grad-cam imported it, was listed first in the tests)."""
+    import torch
+
+    home = Path(torch.__file__).parent.parent
+    own = [c for c in found if any(Path(c.filepath).is_relative_to(home / folder)
+                                   for folder in ("torch", "torch.libs"))]
+    return own[0] if own else found[0] if len(found) == 1 else None
+
+
 class ThreadLimit:
     """Intra-op threads for torch ops run by the calling thread only.
 
@@ -75,8 +88,8 @@ class ThreadLimit:
         except ImportError:  # a bare machine (a GPU check's): one instance, as before
             return
         torch.get_num_threads()  # loads torch's OpenMP runtime and initializes this thread
-        found = ThreadpoolController().select(user_api="openmp").lib_controllers
-        self._omp = found[0] if found else None
+        self._omp = torch_runtime(ThreadpoolController().select(user_api="openmp")
+                                  .lib_controllers)
 
     @property
     def available(self) -> bool:
